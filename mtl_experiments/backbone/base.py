@@ -1,0 +1,45 @@
+"""The backbone contract (DESIGN.md §3) and the MLP block backbones are built from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+def mlp(in_dim: int, hidden_dims: Sequence[int], dropout: float = 0.0, activation: str = "ReLU") -> nn.Sequential:
+    """Linear -> activation -> dropout for each hidden size; an empty ``hidden_dims`` is the identity."""
+    layers: list[nn.Module] = []
+    for out_dim in hidden_dims:
+        layers += [nn.Linear(in_dim, out_dim), getattr(nn, activation)()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = out_dim
+    return nn.Sequential(*layers)
+
+
+def mlp_output_dim(in_dim: int, hidden_dims: Sequence[int]) -> int:
+    return hidden_dims[-1] if len(hidden_dims) else in_dim
+
+
+class Backbone(nn.Module):
+    """Maps the encoded input ``x[B, D]`` to one representation per task: ``{task: Tensor[B, output_dim]}``.
+
+    ``shared_parameters()`` returns the dense parameters shared by several tasks (bottom MLP, experts,
+    gates), never embedding tables; ``last_shared_layer`` names the module whose weight GradNorm
+    measures (None when nothing is shared).
+    """
+
+    output_dim: int
+    last_shared_layer: str | None = None
+
+    def __init__(self, input_dim: int, task_names: Sequence[str]):
+        super().__init__()
+        self.input_dim = input_dim
+        self.task_names = list(task_names)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError

@@ -1,0 +1,28 @@
+"""``mtl-train`` / ``python train.py``: the Hydra entry point over ``pipeline.train``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from mtl_experiments.errors import MTLError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from mtl_experiments.pipeline import train  # imported here so `--help` and config errors stay fast
+
+    try:
+        return train(cfg)
+    except MTLError as e:  # our errors already say what is wrong and how to fix it: no traceback
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets: one file per dataset (named like its ``conf/data/<name>.yaml``) plus the shared contract in base.py."""

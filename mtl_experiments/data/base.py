@@ -1,0 +1,139 @@
+"""The data contract shared by every dataset (DESIGN.md §2).
+
+A batch is a dict ``{"features": {"numeric": FloatTensor[B, N], "categorical": LongTensor[B, C]},
+"labels": {task: Tensor[B]}}`` plus ``user_id`` / ``item_id`` where the dataset has them. Whole splits
+live in memory as tensors and each batch is served by one gather, never per-sample ``__getitem__`` +
+collate (which is several times slower for tabular data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from mtl_experiments.errors import ConfigError, DataError
+from mtl_experiments.tasks import Task, build_tasks
+
+Split = dict  # {"features": {...}, "labels": {...}, optional "user_id"/"item_id"}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the inputs look like, so the feature layer and backbones are built from data, not constants."""
+
+    numeric: tuple[str, ...] = ()
+    categorical: Mapping[str, int] = field(default_factory=dict)  # column name -> cardinality
+
+    @property
+    def num_numeric(self) -> int:
+        return len(self.numeric)
+
+
+def require_file(path: str | Path, how_to_get: str) -> Path:
+    """Return ``path`` if it is a file, else raise a DataError naming the path and how to obtain it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"Data file not found: {p.resolve()}. {how_to_get}")
+    return p
+
+
+def _num_rows(split: Split) -> int:
+    return next(iter(split["labels"].values())).shape[0]
+
+
+def _gather(tree, index: Tensor | slice):
+    if isinstance(tree, Tensor):
+        return tree[index]
+    return {k: _gather(v, index) for k, v in tree.items()}
+
+
+class TensorBatchLoader:
+    """Iterates over an in-memory split a whole batch at a time (one slice or gather per tensor).
+
+    Shuffling uses its own generator seeded by ``seed`` and the epoch counter, so a run is
+    reproducible and independent of the global RNG state. Under data-parallel training each rank
+    takes a disjoint share of every epoch's permutation.
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.epoch = 0
+        n = _num_rows(split)
+        self._rows = n // world_size if world_size > 1 else n
+
+    def __len__(self) -> int:
+        full, rest = divmod(self._rows, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def __iter__(self) -> Iterator[dict]:
+        n = _num_rows(self.split)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = None
+        self.epoch += 1
+        if self.world_size > 1:
+            order = torch.arange(n) if order is None else order
+            order = order[self.rank : self._rows * self.world_size : self.world_size]
+        for b in range(len(self)):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self._rows)
+            yield _gather(self.split, slice(lo, hi) if order is None else order[lo:hi])
+
+
+class TabularDataModule(pl.LightningDataModule):
+    """Base for in-memory datasets. Subclasses implement ``load() -> (train, val, test, feature_spec)``.
+
+    ``tasks`` is the dict from the data config ``{name: {kind: ..., ...}}``; it is validated here, at
+    construction, so a bad value stops the run before anything is trained or tracked.
+    """
+
+    def __init__(self, tasks: Mapping, batch_size: int = 256, eval_batch_size: int | None = None,
+                 shuffle_seed: int = 0):
+        super().__init__()
+        if int(batch_size) <= 0:
+            raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}.")
+        if eval_batch_size is not None and int(eval_batch_size) <= 0:
+            raise ConfigError(f"data.eval_batch_size must be a positive integer, got {eval_batch_size}.")
+        self.tasks: dict[str, Task] = build_tasks(tasks)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 4 * batch_size)
+        self.shuffle_seed = int(shuffle_seed)  # the run's seed; a dataset's own `seed` fixes its content
+        self.splits: dict[str, Split] | None = None
+        self.feature_spec: FeatureSpec | None = None
+
+    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:  # idempotent: the pipeline sets up early to fail fast, Lightning again
+            return
+        train, val, test, self.feature_spec = self.load()
+        self.splits = {"train": train, "val": val, "test": test}
+        for name, split in self.splits.items():
+            if _num_rows(split) == 0:
+                raise DataError(f"The {name} split is empty; use more samples or larger split fractions.")
+            for task_name, task in self.tasks.items():
+                task.validate_labels(split["labels"][task_name], split=name)
+
+    def _loader(self, split: str, train: bool) -> TensorBatchLoader:
+        self.setup()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatchLoader(self.splits[split], self.batch_size if train else self.eval_batch_size,
+                                 shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world)
+
+    def train_dataloader(self) -> TensorBatchLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> TensorBatchLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> TensorBatchLoader:
+        return self._loader("test", train=False)

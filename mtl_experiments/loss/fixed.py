@@ -1,0 +1,42 @@
+"""Fixed (static) weights: total = Σ_t w_t·L_t with w given per task name.
+
+Tuned static weights are the baseline adaptive methods must beat (Xin et al., "Do Current Multi-Task
+Optimization Methods in Deep Learning Even Help?", NeurIPS 2022). Unset weights default to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from mtl_experiments.errors import ConfigError
+from mtl_experiments.loss.base import LossWeighting
+from mtl_experiments.tasks import Task
+
+
+class Fixed(LossWeighting):
+    def __init__(self, weights: Mapping[str, float] | None = None):
+        super().__init__()
+        self.weights_cfg = dict(weights or {})
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        super().setup(tasks)
+        unknown = sorted(set(self.weights_cfg) - set(self.task_names))
+        if unknown:
+            raise ConfigError(f"loss.weights names unknown task(s) {unknown}; the tasks are {self.task_names} "
+                              "(e.g. loss.weights={" + ",".join(f"{t}:1.0" for t in self.task_names) + "}).")
+        values = {t: self.weights_cfg.get(t, 1.0) for t in self.task_names}
+        for t, w in values.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"loss.weights.{t} must be a finite number >= 0, got {w!r}.")
+        if sum(values.values()) == 0:
+            raise ConfigError("loss.weights are all zero: nothing would be trained; give at least one task a "
+                              "positive weight.")
+        self.register_buffer("w", torch.tensor([float(values[t]) for t in self.task_names]))
+
+    def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        w = self.w.to(losses.dtype)
+        return (w * losses).sum(), w

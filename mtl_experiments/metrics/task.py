@@ -1,0 +1,34 @@
+"""Task metrics that torchmetrics does not provide, and helpers to name and aggregate them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class BinaryLogLoss(Metric):
+    """Mean binary cross-entropy of predicted probabilities: -mean(y·log p + (1-y)·log(1-p)).
+
+    Probabilities are clamped to [eps, 1-eps] (eps=1e-15, as scikit-learn's ``log_loss`` did) so a
+    single over-confident mistake gives a large but finite value.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, eps: float = 1e-15, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = eps
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        p = preds.double().clamp(self.eps, 1 - self.eps)
+        y = target.double()
+        self.total += -(y * p.log() + (1 - y) * (1 - p).log()).sum()
+        self.count += y.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count

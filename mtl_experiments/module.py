@@ -1,0 +1,167 @@
+"""MTLModule: the one training step shared by every weighting method (DESIGN.md §5).
+
+Manual optimization, one path:
+1. forward; per-task losses stacked in config order;
+2. per-task gradients of the shared dense parameters, only when the weighting asks for them;
+3. ``weights = weighting.backward(losses, grads, shared, self.manual_backward)`` (one real backward);
+4. gradient clipping and scheduler stepping here (Lightning does neither under manual optimization);
+5. optimizer step; the weighting's hooks; logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from mtl_experiments.errors import NonFiniteLossError
+from mtl_experiments.grads import task_gradients
+from mtl_experiments.loss.base import Weighting
+from mtl_experiments.model import MultiTaskModel
+from mtl_experiments.tasks import Task
+
+STAGES = ("train", "val", "test")
+
+
+def metric_directions(tasks: Mapping[str, Task], stage: str = "val") -> dict[str, bool]:
+    """Every metric key the module logs for ``stage`` -> whether higher is better."""
+    out = {f"{stage}/loss": False}
+    for name, task in tasks.items():
+        for metric_name, metric in task.metrics().items():
+            out[f"{stage}/{name}/{metric_name}"] = bool(metric.higher_is_better)
+            out[f"{stage}/mean_{metric_name}"] = bool(metric.higher_is_better)
+    return out
+
+
+class MTLModule(pl.LightningModule):
+    """Trains ``model`` on ``tasks`` with ``weighting``.
+
+    ``optimizer`` is a partial taking parameter groups; ``scheduler`` is ``{"scheduler": partial,
+    "interval": "epoch"|"step", "monitor": key}`` or None. Learned weighting parameters get their own
+    parameter group without weight decay (decaying log-variances or task weights changes the method).
+    """
+
+    def __init__(self, model: MultiTaskModel, tasks: Mapping[str, Task], weighting: Weighting,
+                 optimizer: Callable[..., torch.optim.Optimizer], scheduler: Mapping[str, Any] | None = None,
+                 gradient_clip_val: float = 0.0, gradient_clip_algorithm: str = "norm",
+                 train_metrics: bool = True):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.tasks, self.weighting = model, dict(tasks), weighting
+        self.optimizer_factory, self.scheduler_cfg = optimizer, dict(scheduler) if scheduler else None
+        self.gradient_clip_val, self.gradient_clip_algorithm = float(gradient_clip_val), gradient_clip_algorithm
+        self.train_metrics = train_metrics
+        self.weighting.setup(self.tasks)
+        # nn.ModuleDict keys may not shadow Module attributes ("train"), hence the "on_" prefix
+        self.task_metrics = nn.ModuleDict({
+            f"on_{stage}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
+            for stage in STAGES
+        })
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = [{"params": list(self.model.parameters())}]
+        weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
+        if weighting_params:
+            groups.append({"params": weighting_params, "weight_decay": 0.0})
+        optimizer = self.optimizer_factory(groups)
+        if not self.scheduler_cfg:
+            return optimizer
+        scheduler = self.scheduler_cfg["scheduler"](optimizer)
+        # stepped by this module (interval/monitor are read from scheduler_cfg), not by Lightning
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.model(features)
+
+    def _losses(self, outputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
+        return torch.stack([task.loss(outputs[name], labels[name]) for name, task in self.tasks.items()])
+
+    def _check_finite(self, losses: Tensor) -> None:
+        if not torch.isfinite(losses).all():
+            bad = {n: float(v) for n, v in zip(self.tasks, losses.detach().cpu(), strict=True)
+                   if not torch.isfinite(v)}
+            raise NonFiniteLossError(
+                f"Non-finite loss for task(s) {bad} at epoch {self.current_epoch}, step {self.global_step}. "
+                "Training stopped so no more time is wasted. Usual fixes: lower the learning rate "
+                "(optimizer.lr=...), clip gradients (module.gradient_clip_val=1.0), or check those tasks' "
+                "labels and features for extreme values.")
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        outputs = self.model(batch["features"])
+        losses = self._losses(outputs, batch["labels"])
+        self._check_finite(losses)
+        shared = self.model.shared_parameters()
+        grads = task_gradients(losses, shared) if self.weighting.needs_task_grads else None
+        opt.zero_grad()
+        weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
+        if self.gradient_clip_val > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
+                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+        opt.step()
+        self.weighting.after_optimizer_step(losses.detach())
+        if self.scheduler_cfg and self.scheduler_cfg.get("interval") == "step":
+            self.lr_schedulers().step()
+
+        if self.train_metrics:
+            for name, task in self.tasks.items():
+                task.update_metrics(self.task_metrics["on_train"][name], outputs[name], batch["labels"][name])
+        logs = {"train/loss": (weights * losses.detach()).sum()}
+        for i, name in enumerate(self.tasks):
+            logs[f"train/loss/{name}"] = losses[i].detach()
+            logs[f"train/weight/{name}"] = weights[i]
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(batch["labels"][name]))
+        return logs["train/loss"]
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        outputs = self.model(batch["features"])
+        labels = batch["labels"]
+        losses = self._losses(outputs, labels)
+        for name, task in self.tasks.items():
+            task.update_metrics(self.task_metrics[f"on_{stage}"][name], outputs[name], labels[name])
+        self.log(f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True,
+                 batch_size=len(next(iter(labels.values()))))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values, by_metric = {}, {}
+        for name, metrics in self.task_metrics[f"on_{stage}"].items():
+            if not metrics[next(iter(metrics.keys()))].update_called:
+                continue
+            for metric_name, value in metrics.compute().items():
+                values[f"{stage}/{name}/{metric_name}"] = value.float()
+                by_metric.setdefault(metric_name, []).append(value.float())
+            metrics.reset()
+        for metric_name, vals in by_metric.items():
+            values[f"{stage}/mean_{metric_name}"] = torch.stack(vals).mean()
+        if values:
+            self.log_dict(values, on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_metrics:
+            self._log_epoch_metrics("train")
+        self.weighting.on_train_epoch_end(self.current_epoch)
+        if self.scheduler_cfg and self.scheduler_cfg.get("interval", "epoch") == "epoch":
+            scheduler = self.lr_schedulers()
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = self.scheduler_cfg.get("monitor")
+                if monitor in self.trainer.callback_metrics:
+                    scheduler.step(self.trainer.callback_metrics[monitor])
+            else:
+                scheduler.step()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")

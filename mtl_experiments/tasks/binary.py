@@ -1,0 +1,42 @@
+"""Binary classification (CTR, CVR, like, ...): one logit, BCE-with-logits loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from mtl_experiments.errors import DataError
+from mtl_experiments.metrics.task import BinaryLogLoss
+from mtl_experiments.tasks.base import Task
+
+
+class BinaryTask(Task):
+    """Labels in {0, 1}; metrics AUROC, log loss and accuracy (threshold 0.5)."""
+
+    kind = "binary"
+    loss_type = "classification"
+    output_dim = 1
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(output.squeeze(-1), target.to(output.dtype))
+
+    def predict(self, output: Tensor) -> Tensor:
+        # float64 keeps 1 - p representable for confident logits, so log loss stays finite and exact
+        return torch.sigmoid(output.squeeze(-1).double())
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"auroc": BinaryAUROC(), "logloss": BinaryLogLoss(), "accuracy": BinaryAccuracy()})
+
+    def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor) -> None:
+        metrics.update(self.predict(output.detach()), target.long())
+
+    def validate_labels(self, labels: Tensor, split: str) -> None:
+        super().validate_labels(labels, split)
+        bad = ~((labels == 0) | (labels == 1))
+        if bad.any():
+            raise DataError(f"Task '{self.name}' is binary but its {split} labels contain "
+                            f"{int(bad.sum())} value(s) other than 0/1 (e.g. {labels[bad][0].item()}); "
+                            "binarise the label column or use kind: regression.")
