@@ -22,6 +22,9 @@ def task_gradients(losses: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
     rows = []
     for t in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for p, g in zip(params, grads, strict=True)]))
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+            )
+        )
     return torch.stack(rows)

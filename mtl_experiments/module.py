@@ -44,10 +44,17 @@ class MTLModule(pl.LightningModule):
     parameter group without weight decay (decaying log-variances or task weights changes the method).
     """
 
-    def __init__(self, model: MultiTaskModel, tasks: Mapping[str, Task], weighting: Weighting,
-                 optimizer: Callable[..., torch.optim.Optimizer], scheduler: Mapping[str, Any] | None = None,
-                 gradient_clip_val: float = 0.0, gradient_clip_algorithm: str = "norm",
-                 train_metrics: bool = True):
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tasks: Mapping[str, Task],
+        weighting: Weighting,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Mapping[str, Any] | None = None,
+        gradient_clip_val: float = 0.0,
+        gradient_clip_algorithm: str = "norm",
+        train_metrics: bool = True,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
@@ -56,10 +63,12 @@ class MTLModule(pl.LightningModule):
         self.train_metrics = train_metrics
         self.weighting.setup(self.tasks)
         # nn.ModuleDict keys may not shadow Module attributes ("train"), hence the "on_" prefix
-        self.task_metrics = nn.ModuleDict({
-            f"on_{stage}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
-            for stage in STAGES
-        })
+        self.task_metrics = nn.ModuleDict(
+            {
+                f"on_{stage}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
+                for stage in STAGES
+            }
+        )
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -82,13 +91,13 @@ class MTLModule(pl.LightningModule):
 
     def _check_finite(self, losses: Tensor) -> None:
         if not torch.isfinite(losses).all():
-            bad = {n: float(v) for n, v in zip(self.tasks, losses.detach().cpu(), strict=True)
-                   if not torch.isfinite(v)}
+            bad = {n: float(v) for n, v in zip(self.tasks, losses.detach().cpu(), strict=True) if not torch.isfinite(v)}
             raise NonFiniteLossError(
                 f"Non-finite loss for task(s) {bad} at epoch {self.current_epoch}, step {self.global_step}. "
                 "Training stopped so no more time is wasted. Usual fixes: lower the learning rate "
                 "(optimizer.lr=...), clip gradients (module.gradient_clip_val=1.0), or check those tasks' "
-                "labels and features for extreme values.")
+                "labels and features for extreme values."
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt = self.optimizers()
@@ -100,8 +109,9 @@ class MTLModule(pl.LightningModule):
         opt.zero_grad()
         weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
         if self.gradient_clip_val > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
-                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+            self.clip_gradients(
+                opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
+            )
         opt.step()
         self.weighting.after_optimizer_step(losses.detach())
         if self.scheduler_cfg and self.scheduler_cfg.get("interval") == "step":
@@ -124,8 +134,9 @@ class MTLModule(pl.LightningModule):
         losses = self._losses(outputs, labels)
         for name, task in self.tasks.items():
             task.update_metrics(self.task_metrics[f"on_{stage}"][name], outputs[name], labels[name])
-        self.log(f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True,
-                 batch_size=len(next(iter(labels.values()))))
+        self.log(
+            f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True, batch_size=len(next(iter(labels.values())))
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

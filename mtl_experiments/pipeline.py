@@ -45,12 +45,16 @@ def resolve_optimized_metric(cfg: DictConfig, tasks: Mapping[str, Task]) -> str:
     directions = metric_directions(tasks)
     metric = cfg.optimized_metric
     if metric not in directions:
-        raise ConfigError(f"optimized_metric={metric!r} is not logged by this run; choose one of "
-                          f"{sorted(directions)} (validation metrics only: never select on test).")
+        raise ConfigError(
+            f"optimized_metric={metric!r} is not logged by this run; choose one of "
+            f"{sorted(directions)} (validation metrics only: never select on test)."
+        )
     mode = "max" if directions[metric] else "min"
     if cfg.get("optimized_mode", "auto") not in ("auto", mode):
-        raise ConfigError(f"optimized_mode={cfg.optimized_mode!r} contradicts {metric}, for which "
-                          f"{'higher' if mode == 'max' else 'lower'} is better; leave optimized_mode=auto.")
+        raise ConfigError(
+            f"optimized_mode={cfg.optimized_mode!r} contradicts {metric}, for which "
+            f"{'higher' if mode == 'max' else 'lower'} is better; leave optimized_mode=auto."
+        )
     with open_dict(cfg):
         cfg.optimized_mode = mode
     return mode
@@ -68,7 +72,8 @@ def _build_loggers(cfg: DictConfig, choices: dict[str, str], overrides: list[str
             tracking.ensure_experiment(uri, factory.keywords.get("experiment_name") or cfg.experiment_name)
             tags = {**tracking.run_tags(choices, overrides), **(factory.keywords.get("tags") or {})}
             run_name = factory.keywords.get("run_name") or "-".join(
-                [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"])
+                [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"]
+            )
             loggers.append(factory(tracking_uri=uri, tags=tags, run_name=run_name))
         else:
             loggers.append(factory())
@@ -79,7 +84,7 @@ def print_results(results: Mapping[str, float], tasks: Mapping[str, Task], stage
     """A task x metric table of the final metrics."""
     columns: list[str] = []
     for task in tasks.values():
-        columns += [m for m in task.metrics().keys() if m not in columns]
+        columns += [m for m in task.metrics() if m not in columns]
     table = Table(title=f"{stage} metrics (best checkpoint by validation)")
     table.add_column("task")
     for col in columns:
@@ -103,16 +108,22 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup()  # generate / load now: a missing file or a bad label fails here, in seconds
     encoder = instantiate(cfg.features, _partial_=True, _convert_="all")(spec=datamodule.feature_spec)
     backbone = instantiate(cfg.backbone, _partial_=True, _convert_="all")(
-        input_dim=encoder.output_dim, task_names=list(tasks))
+        input_dim=encoder.output_dim, task_names=list(tasks)
+    )
     model = MultiTaskModel(encoder, backbone, tasks)
     scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
     module = instantiate(cfg.module, _partial_=True, _convert_="all")(
-        model=model, tasks=tasks, weighting=instantiate(cfg.loss, _convert_="all"),
-        optimizer=instantiate(cfg.optimizer, _convert_="all"), scheduler=scheduler)
+        model=model,
+        tasks=tasks,
+        weighting=instantiate(cfg.loss, _convert_="all"),
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=scheduler,
+    )
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = _build_loggers(run_cfg, choices, overrides)
     trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True, _convert_="all")(
-        callbacks=callbacks, logger=loggers or False)
+        callbacks=callbacks, logger=loggers or False
+    )
 
     # 2. train, tracked; a run that raises ends FAILED
     mlflow_logger = next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from mtl_experiments.errors import TrackingError
 
 DEFAULT_DB = "mlflow.db"
-_FIX = ("Set MLFLOW_TRACKING_URI or logger.mlflow.tracking_uri to a reachable store, or unset both to use "
-        "the local SQLite store sqlite:///<launch dir>/mlflow.db.")
+_FIX = (
+    "Set MLFLOW_TRACKING_URI or logger.mlflow.tracking_uri to a reachable store, or unset both to use "
+    "the local SQLite store sqlite:///<launch dir>/mlflow.db."
+)
 
 
 def launch_dir() -> Path:
@@ -44,7 +46,7 @@ def resolve_tracking_uri(configured: str | None) -> str:
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{launch_dir() / DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_absolute():  # relative SQLite paths would follow the process's cwd
             uri = f"sqlite:///{(launch_dir() / path).resolve()}"
     return uri
@@ -54,7 +56,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, if runs could not be recorded at ``uri``."""
     scheme = urlparse(uri).scheme
     if scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         parent = path.parent
         if parent.exists() and not parent.is_dir():
             raise TrackingError(f"Cannot create the MLflow store {uri}: {parent} is not a directory. {_FIX}")
@@ -70,15 +72,19 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 ok = response.status == 200
-        except (urllib.error.URLError, OSError, socket.timeout) as e:
-            raise TrackingError(f"The MLflow tracking server {uri} cannot be reached ({getattr(e, 'reason', e)}). "
-                                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port "
-                                f"{urlparse(uri).port or 5000}`) or check the address. {_FIX}") from e
+        except (TimeoutError, urllib.error.URLError, OSError) as e:
+            raise TrackingError(
+                f"The MLflow tracking server {uri} cannot be reached ({getattr(e, 'reason', e)}). "
+                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port "
+                f"{urlparse(uri).port or 5000}`) or check the address. {_FIX}"
+            ) from e
         if not ok:
             raise TrackingError(f"The MLflow tracking server {uri} answered {url} with HTTP {response.status}. {_FIX}")
     elif scheme in ("", "file"):
-        raise TrackingError(f"Tracking URI {uri!r} is a file store, which MLflow 3 no longer supports for "
-                            f"tracking; use sqlite:///path/to/mlflow.db instead. {_FIX}")
+        raise TrackingError(
+            f"Tracking URI {uri!r} is a file store, which MLflow 3 no longer supports for "
+            f"tracking; use sqlite:///path/to/mlflow.db instead. {_FIX}"
+        )
     # other schemes (databricks, postgresql, ...) are validated by MLflow when the run is created
 
 
@@ -109,8 +115,9 @@ def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, Any]:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -124,10 +131,8 @@ def run_tags(choices: Mapping[str, str], overrides: list[str]) -> dict[str, str]
     if commit:
         tags["mlflow.source.git.commit"] = commit
     for pkg in ("mtl-experiments", "torch", "lightning", "torchmetrics", "hydra-core", "mlflow"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{pkg}"] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return tags
 
 
@@ -143,7 +148,5 @@ def mark_failed(logger, status: str = "FAILED") -> None:
     """End the run as FAILED (or KILLED) so no crashed run is left RUNNING or shown as FINISHED."""
     if logger is None or logger._run_id is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # never hide the original error behind a tracking error
         logger.experiment.set_terminated(logger.run_id, status)
-    except Exception:  # noqa: BLE001 - never hide the original error behind a tracking error
-        pass

@@ -14,8 +14,15 @@ from mtl_experiments.errors import ConfigError
 
 
 class SharedBottom(Backbone):
-    def __init__(self, input_dim: int, task_names: Sequence[str], bottom_dims: Sequence[int] = (128, 64),
-                 tower_dims: Sequence[int] = (32,), dropout: float = 0.0, activation: str = "ReLU"):
+    def __init__(
+        self,
+        input_dim: int,
+        task_names: Sequence[str],
+        bottom_dims: Sequence[int] = (128, 64),
+        tower_dims: Sequence[int] = (32,),
+        dropout: float = 0.0,
+        activation: str = "ReLU",
+    ):
         super().__init__(input_dim, task_names)
         if not bottom_dims:
             raise ConfigError("shared_bottom needs at least one bottom layer (backbone.bottom_dims).")

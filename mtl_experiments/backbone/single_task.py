@@ -14,8 +14,14 @@ from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
 
 
 class SingleTask(Backbone):
-    def __init__(self, input_dim: int, task_names: Sequence[str], hidden_dims: Sequence[int] = (128, 64, 32),
-                 dropout: float = 0.0, activation: str = "ReLU"):
+    def __init__(
+        self,
+        input_dim: int,
+        task_names: Sequence[str],
+        hidden_dims: Sequence[int] = (128, 64, 32),
+        dropout: float = 0.0,
+        activation: str = "ReLU",
+    ):
         super().__init__(input_dim, task_names)
         self.nets = nn.ModuleDict({t: mlp(input_dim, hidden_dims, dropout, activation) for t in self.task_names})
         self.output_dim = mlp_output_dim(input_dim, hidden_dims)

@@ -60,8 +60,16 @@ class TensorBatchLoader:
     takes a disjoint share of every epoch's permutation.
     """
 
-    def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.epoch = 0
@@ -95,8 +103,9 @@ class TabularDataModule(pl.LightningDataModule):
     construction, so a bad value stops the run before anything is trained or tracked.
     """
 
-    def __init__(self, tasks: Mapping, batch_size: int = 256, eval_batch_size: int | None = None,
-                 shuffle_seed: int = 0):
+    def __init__(
+        self, tasks: Mapping, batch_size: int = 256, eval_batch_size: int | None = None, shuffle_seed: int = 0
+    ):
         super().__init__()
         if int(batch_size) <= 0:
             raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}.")
@@ -126,8 +135,14 @@ class TabularDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> TensorBatchLoader:
         self.setup()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return TensorBatchLoader(self.splits[split], self.batch_size if train else self.eval_batch_size,
-                                 shuffle=train, seed=self.shuffle_seed, rank=rank, world_size=world)
+        return TensorBatchLoader(
+            self.splits[split],
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+        )
 
     def train_dataloader(self) -> TensorBatchLoader:
         return self._loader("train", train=True)

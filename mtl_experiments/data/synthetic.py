@@ -26,8 +26,9 @@ from mtl_experiments.data.base import FeatureSpec, Split, TabularDataModule
 from mtl_experiments.errors import ConfigError
 
 
-def task_weight_vectors(num_tasks: int, input_dim: int, correlation: float, scale: float,
-                        generator: torch.Generator) -> Tensor:
+def task_weight_vectors(
+    num_tasks: int, input_dim: int, correlation: float, scale: float, generator: torch.Generator
+) -> Tensor:
     """``W[T, d]`` with ||w_k|| = scale and cos(w_i, w_j) = correlation for every i != j."""
     p = float(correlation)
     # orthonormal u_1..u_T: QR of a Gaussian matrix (float64 so the realised cosine is exact)
@@ -42,9 +43,16 @@ def task_weight_vectors(num_tasks: int, input_dim: int, correlation: float, scal
     return scale * lower @ u.T
 
 
-def make_synthetic(num_samples: int, num_tasks: int = 2, correlation: float = 0.5, input_dim: int = 100,
-                   num_sines: int = 10, scale: float = 1.0, noise_std: float = 0.1,
-                   seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def make_synthetic(
+    num_samples: int,
+    num_tasks: int = 2,
+    correlation: float = 0.5,
+    input_dim: int = 100,
+    num_sines: int = 10,
+    scale: float = 1.0,
+    noise_std: float = 0.1,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``x[N, d]`` (float32), continuous targets ``y[N, T]`` (float32) and ``W[T, d]`` (float64)."""
     g = torch.Generator().manual_seed(int(seed))
     w = task_weight_vectors(num_tasks, input_dim, correlation, scale, g)
@@ -64,46 +72,76 @@ class SyntheticDataModule(TabularDataModule):
     data); ``val_fraction`` / ``test_fraction`` of the samples form the validation and test splits.
     """
 
-    def __init__(self, tasks: Mapping, num_samples: int = 20000, correlation: float = 0.5, input_dim: int = 100,
-                 num_sines: int = 10, scale: float = 1.0, noise_std: float = 0.1, seed: int = 0,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        tasks: Mapping,
+        num_samples: int = 20000,
+        correlation: float = 0.5,
+        input_dim: int = 100,
+        num_sines: int = 10,
+        scale: float = 1.0,
+        noise_std: float = 0.1,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(tasks=tasks, **kwargs)
         t = len(self.tasks)
         if not -1.0 <= float(correlation) <= 1.0:
             raise ConfigError(f"data.correlation must lie in [-1, 1] (it is a cosine), got {correlation}.")
         if t > 2 and float(correlation) < -1.0 / (t - 1):
-            raise ConfigError(f"data.correlation={correlation} is impossible for {t} tasks: equal pairwise "
-                              f"cosines need correlation >= -1/(T-1) = {-1.0 / (t - 1):.4f}.")
+            raise ConfigError(
+                f"data.correlation={correlation} is impossible for {t} tasks: equal pairwise "
+                f"cosines need correlation >= -1/(T-1) = {-1.0 / (t - 1):.4f}."
+            )
         for key, value in {"num_samples": num_samples, "input_dim": input_dim}.items():
             if int(value) <= 0:
                 raise ConfigError(f"data.{key} must be a positive integer, got {value}.")
         if int(input_dim) < t:
             raise ConfigError(f"data.input_dim={input_dim} must be >= the number of tasks ({t}).")
         if int(num_sines) < 0 or float(noise_std) < 0 or float(scale) <= 0:
-            raise ConfigError("data.num_sines and data.noise_std must be >= 0 and data.scale > 0, got "
-                              f"num_sines={num_sines}, noise_std={noise_std}, scale={scale}.")
+            raise ConfigError(
+                "data.num_sines and data.noise_std must be >= 0 and data.scale > 0, got "
+                f"num_sines={num_sines}, noise_std={noise_std}, scale={scale}."
+            )
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ConfigError("data.val_fraction and data.test_fraction must be in (0, 1) and sum to < 1, got "
-                              f"{val_fraction} and {test_fraction}.")
+            raise ConfigError(
+                "data.val_fraction and data.test_fraction must be in (0, 1) and sum to < 1, got "
+                f"{val_fraction} and {test_fraction}."
+            )
         n_val, n_test = math.floor(num_samples * val_fraction), math.floor(num_samples * test_fraction)
         if min(n_val, n_test, int(num_samples) - n_val - n_test) < 1:
-            raise ConfigError(f"data.num_samples={num_samples} is too small to give non-empty train/val/test "
-                              "splits with these fractions.")
+            raise ConfigError(
+                f"data.num_samples={num_samples} is too small to give non-empty train/val/test "
+                "splits with these fractions."
+            )
         bad = [n for n, task in self.tasks.items() if task.kind not in ("binary", "regression")]
         if bad:
-            raise ConfigError(f"The synthetic dataset makes binary or regression targets; task(s) {bad} have "
-                              "another kind.")
-        self.params = dict(num_samples=int(num_samples), num_tasks=t, correlation=float(correlation),
-                           input_dim=int(input_dim), num_sines=int(num_sines), scale=float(scale),
-                           noise_std=float(noise_std), seed=int(seed))
+            raise ConfigError(
+                f"The synthetic dataset makes binary or regression targets; task(s) {bad} have another kind."
+            )
+        self.params = dict(
+            num_samples=int(num_samples),
+            num_tasks=t,
+            correlation=float(correlation),
+            input_dim=int(input_dim),
+            num_sines=int(num_sines),
+            scale=float(scale),
+            noise_std=float(noise_std),
+            seed=int(seed),
+        )
         self.n_val, self.n_test = n_val, n_test
 
     def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
         x, y, self.weight_vectors = make_synthetic(**self.params)
         # the split permutation has its own stream so changing the split leaves the data unchanged
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.params["seed"] + 1))
-        parts = {"val": order[: self.n_val], "test": order[self.n_val : self.n_val + self.n_test],
-                 "train": order[self.n_val + self.n_test :]}
+        parts = {
+            "val": order[: self.n_val],
+            "test": order[self.n_val : self.n_val + self.n_test],
+            "train": order[self.n_val + self.n_test :],
+        }
         train_median = y[parts["train"]].median(dim=0).values
         splits = {}
         for split, idx in parts.items():

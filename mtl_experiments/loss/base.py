@@ -27,8 +27,13 @@ class Weighting(nn.Module):
         self.task_names = list(tasks)
         self.num_tasks = len(self.task_names)
 
-    def backward(self, losses: Tensor, task_grads: Tensor | None, shared_params: Sequence[nn.Parameter],
-                 backward_fn: Callable[[Tensor], None]) -> Tensor:
+    def backward(
+        self,
+        losses: Tensor,
+        task_grads: Tensor | None,
+        shared_params: Sequence[nn.Parameter],
+        backward_fn: Callable[[Tensor], None],
+    ) -> Tensor:
         """Run exactly one ``backward_fn(total)`` (Lightning's ``manual_backward``); return weights ``[T]``."""
         raise NotImplementedError
 

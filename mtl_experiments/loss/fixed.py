@@ -26,15 +26,18 @@ class Fixed(LossWeighting):
         super().setup(tasks)
         unknown = sorted(set(self.weights_cfg) - set(self.task_names))
         if unknown:
-            raise ConfigError(f"loss.weights names unknown task(s) {unknown}; the tasks are {self.task_names} "
-                              "(e.g. loss.weights={" + ",".join(f"{t}:1.0" for t in self.task_names) + "}).")
+            raise ConfigError(
+                f"loss.weights names unknown task(s) {unknown}; the tasks are {self.task_names} "
+                "(e.g. loss.weights={" + ",".join(f"{t}:1.0" for t in self.task_names) + "})."
+            )
         values = {t: self.weights_cfg.get(t, 1.0) for t in self.task_names}
         for t, w in values.items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
                 raise ConfigError(f"loss.weights.{t} must be a finite number >= 0, got {w!r}.")
         if sum(values.values()) == 0:
-            raise ConfigError("loss.weights are all zero: nothing would be trained; give at least one task a "
-                              "positive weight.")
+            raise ConfigError(
+                "loss.weights are all zero: nothing would be trained; give at least one task a positive weight."
+            )
         self.register_buffer("w", torch.tensor([float(values[t]) for t in self.task_names]))
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,8 +22,9 @@ def build_task(name: str, cfg: Mapping) -> Task:
     cfg = dict(cfg or {})
     kind = cfg.pop("kind", None)
     if kind not in available_kinds():
-        raise ConfigError(f"Task '{name}' has kind {kind!r}; valid kinds are {available_kinds()} "
-                          f"(set data.tasks.{name}.kind=<kind>).")
+        raise ConfigError(
+            f"Task '{name}' has kind {kind!r}; valid kinds are {available_kinds()} (set data.tasks.{name}.kind=<kind>)."
+        )
     module = importlib.import_module(f"{__name__}.{kind}")
     cls = getattr(module, "".join(part.title() for part in kind.split("_")) + "Task")
     try:

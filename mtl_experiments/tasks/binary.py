@@ -37,6 +37,8 @@ class BinaryTask(Task):
         super().validate_labels(labels, split)
         bad = ~((labels == 0) | (labels == 1))
         if bad.any():
-            raise DataError(f"Task '{self.name}' is binary but its {split} labels contain "
-                            f"{int(bad.sum())} value(s) other than 0/1 (e.g. {labels[bad][0].item()}); "
-                            "binarise the label column or use kind: regression.")
+            raise DataError(
+                f"Task '{self.name}' is binary but its {split} labels contain "
+                f"{int(bad.sum())} value(s) other than 0/1 (e.g. {labels[bad][0].item()}); "
+                "binarise the label column or use kind: regression."
+            )
