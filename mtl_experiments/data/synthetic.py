@@ -35,12 +35,23 @@ def task_weight_vectors(
     u, _ = torch.linalg.qr(torch.randn(input_dim, num_tasks, generator=generator, dtype=torch.float64))
     gram = torch.full((num_tasks, num_tasks), p, dtype=torch.float64)
     gram.fill_diagonal_(1.0)
-    if p == 1.0:  # singular Gram matrix: every task shares u_1 (the limit of the Cholesky factor)
-        lower = torch.zeros_like(gram)
-        lower[:, 0] = 1.0
-    else:
-        lower = torch.linalg.cholesky(gram)
-    return scale * lower @ u.T
+    return scale * _psd_cholesky(gram) @ u.T
+
+
+def _psd_cholesky(a: Tensor) -> Tensor:
+    """Lower-triangular L with L·Lᵀ = a for a positive *semi*-definite a.
+
+    ``torch.linalg.cholesky`` rejects the singular boundary cases p = 1 and p = -1/(T-1) (e.g. p = -1 for
+    two tasks); a zero pivot here just leaves its column zero, which is the limit of the factor.
+    """
+    n = a.shape[0]
+    lower = torch.zeros_like(a)
+    for j in range(n):
+        pivot = a[j, j] - lower[j, :j].square().sum()
+        lower[j, j] = pivot.clamp_min(0).sqrt()
+        if lower[j, j] > 1e-12:
+            lower[j + 1 :, j] = (a[j + 1 :, j] - lower[j + 1 :, :j] @ lower[j, :j]) / lower[j, j]
+    return lower
 
 
 def make_synthetic(

@@ -8,6 +8,8 @@ import importlib
 import pkgutil
 from collections.abc import Mapping
 
+from torch import nn
+
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.tasks.base import Task
 
@@ -19,6 +21,12 @@ def available_kinds() -> list[str]:
 
 
 def build_task(name: str, cfg: Mapping) -> Task:
+    # names become metric keys ("val/<task>/auroc", "<a>-<b>" pairs) and nn.ModuleDict keys
+    if not name.isidentifier() or hasattr(nn.Module, name):
+        raise ConfigError(
+            f"Invalid task name {name!r}: a task name must be a Python identifier (letters, digits, _) "
+            "that is not a torch.nn.Module attribute such as 'train' or 'eval'."
+        )
     cfg = dict(cfg or {})
     kind = cfg.pop("kind", None)
     if kind not in available_kinds():

@@ -1,0 +1,308 @@
+"""Training throughput of the Lightning path against a plain PyTorch loop on the same model and data.
+
+What is measured (samples/s = epochs x train rows / wall seconds), all in one process, on the model,
+data and optimizer that ``conf/train.yaml`` plus your overrides build:
+
+- ``plain``: a bare loop over the train split, one batch per gather after a ``randperm`` (what
+  ``TensorBatchLoader`` does): forward, per-task ``task.loss``, sum, ``zero_grad``, backward,
+  optimizer step. No metrics, no logging. This is the reference (ratio 1.0).
+- ``lightning``: ``MTLModule`` as configured (``module.train_metrics`` as you have it) trained by
+  ``Trainer.fit`` over the datamodule's ``TensorBatchLoader``; only ``trainer.fit`` is timed. No
+  logger, no checkpointing, no progress bar, no validation.
+- ``lightning_no_train_metrics``: the same with ``module.train_metrics=false``, so the cost of the
+  per-step train metric updates is visible (skipped when the config already turns them off).
+- ``plain_dataloader``: the plain loop fed by a conventional per-sample ``Dataset`` (one
+  ``__getitem__`` per row building the batch dict) and ``DataLoader(batch_size, shuffle=True)`` with
+  default collate: the reason the package serves tabular data a whole batch per index operation.
+
+Each model is freshly built with the run's seed, so every contender starts from identical weights.
+The optimizer is the configured one (``optimizer=adam`` by default) over the same parameter groups as
+``MTLModule.configure_optimizers``. The plain loops sum the task losses (equal weighting, the default
+``loss=equal``); the Lightning path uses the configured weighting.
+
+Timing on shared machines is noisy, so after one untimed warm-up epoch per contender the contenders
+run interleaved (A, B, C, D, A, B, C, D, ...) for ``--repeats`` rounds; the table reports the median
+samples/s of each and ratios of medians. Thread count is torch's default. The exit code is 0 whatever
+the ratio: this is a measurement, not a test.
+
+Run (any Hydra override of ``train.py`` applies)::
+
+    python scripts/benchmark.py
+    python scripts/benchmark.py --epochs 5 --repeats 5 --json bench.json
+    python scripts/benchmark.py backbone=single_task data.batch_size=512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mtl_experiments.data.base import TabularDataModule
+from mtl_experiments.errors import MTLError
+from mtl_experiments.model import MultiTaskModel
+from mtl_experiments.module import MTLModule
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+TARGET_RATIO = 0.9
+
+PLAIN = "plain"
+LIGHTNING = "lightning"
+LIGHTNING_NO_METRICS = "lightning_no_train_metrics"
+PLAIN_DATALOADER = "plain_dataloader"
+
+
+# -- building, the way pipeline.train does ------------------------------------------------------------
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def build_model(cfg: DictConfig, datamodule: TabularDataModule) -> MultiTaskModel:
+    """A fresh model seeded with ``cfg.seed``: every call returns the same initial weights."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    encoder = instantiate(cfg.features, _partial_=True, _convert_="all")(spec=datamodule.feature_spec)
+    backbone = instantiate(cfg.backbone, _partial_=True, _convert_="all")(
+        input_dim=encoder.output_dim, task_names=list(datamodule.tasks)
+    )
+    return MultiTaskModel(encoder, backbone, datamodule.tasks)
+
+
+def build_module(cfg: DictConfig, datamodule: TabularDataModule) -> MTLModule:
+    model = build_model(cfg, datamodule)
+    scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
+    return instantiate(cfg.module, _partial_=True, _convert_="all")(
+        model=model,
+        tasks=datamodule.tasks,
+        weighting=instantiate(cfg.loss, _convert_="all"),
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=scheduler,
+    )
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # the same parameter groups as MTLModule.configure_optimizers (a loss-level weighting adds none)
+    return instantiate(cfg.optimizer, _convert_="all")([{"params": list(model.parameters())}])
+
+
+# -- the contenders: each builds its state untimed and returns the timed seconds for `epochs` -------
+def _take(tree, index):
+    if isinstance(tree, Tensor):
+        return tree[index]
+    return {key: _take(value, index) for key, value in tree.items()}
+
+
+def _num_rows(split: dict) -> int:
+    return next(iter(split["labels"].values())).shape[0]
+
+
+def _train_step(model, tasks, optimizer, batch: dict) -> None:
+    outputs = model(batch["features"])
+    loss = torch.stack([task.loss(outputs[name], batch["labels"][name]) for name, task in tasks.items()]).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def plain_sliced(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    model, tasks = build_model(cfg, datamodule), datamodule.tasks
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    split, batch_size = datamodule.splits["train"], datamodule.batch_size
+    n = _num_rows(split)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        # the same batch order as TensorBatchLoader: its own generator, seeded per epoch
+        g = torch.Generator().manual_seed(datamodule.shuffle_seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        for lo in range(0, n, batch_size):
+            _train_step(model, tasks, optimizer, _take(split, order[lo : lo + batch_size]))
+    return time.perf_counter() - start
+
+
+class PerSampleDataset(Dataset):
+    """The conventional map-style dataset: one row per ``__getitem__``, batches built by collate."""
+
+    def __init__(self, split: dict):
+        self.split = split
+
+    def __len__(self) -> int:
+        return _num_rows(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        return _take(self.split, i)
+
+
+def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    model, tasks = build_model(cfg, datamodule), datamodule.tasks
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    loader = DataLoader(
+        PerSampleDataset(datamodule.splits["train"]),
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(datamodule.shuffle_seed),
+    )
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            _train_step(model, tasks, optimizer, batch)
+    return time.perf_counter() - start
+
+
+def lightning_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    module = build_module(cfg, datamodule)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return time.perf_counter() - start
+
+
+def with_train_metrics(cfg: DictConfig, enabled: bool) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.module.train_metrics = enabled
+    return cfg
+
+
+# -- measuring and reporting ------------------------------------------------------------------------
+def measure(
+    contenders: dict[str, Callable[[int], float]], epochs: int, repeats: int, samples_per_epoch: int
+) -> dict[str, list[float]]:
+    """One untimed 1-epoch warm-up each, then ``repeats`` interleaved rounds; samples/s per run."""
+    for run in contenders.values():
+        run(1)
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            rates[name].append(epochs * samples_per_epoch / run(epochs))
+    return rates
+
+
+def summarize(rates: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ratios = {f"{name}/{PLAIN}": medians[name] / medians[PLAIN] for name in medians if name != PLAIN}
+    return medians, ratios
+
+
+def report(rates: dict[str, list[float]], medians: dict[str, float], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("contender", no_wrap=True)
+    table.add_column("median samples/s", justify="right")
+    table.add_column(f"/ {PLAIN}", justify="right")
+    table.add_column("best samples/s", justify="right")
+    table.add_column("runs (samples/s)", justify="right")
+    for name, values in rates.items():
+        ratio = medians[name] / medians[PLAIN]
+        runs = " ".join(f"{v:,.0f}" for v in values)
+        table.add_row(name, f"{medians[name]:,.0f}", f"{ratio:.2f}", f"{max(values):,.0f}", runs)
+    Console(width=max(120, len(title))).print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="Any other argument is a Hydra override of conf/train.yaml, e.g. backbone=single_task.",
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per timed run (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error("--epochs and --repeats must be >= 1")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "consider more workers" and similar hints are about the user's setup, not this measurement
+    warnings.filterwarnings("ignore", module=r"lightning\.")
+
+    try:
+        cfg = compose_config(overrides)
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.setup()
+    except (MTLError, HydraException, OmegaConfBaseException) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    rows = _num_rows(datamodule.splits["train"])
+
+    contenders: dict[str, Callable[[int], float]] = {
+        PLAIN: lambda e: plain_sliced(cfg, datamodule, e),
+        LIGHTNING: lambda e: lightning_fit(cfg, datamodule, e),
+    }
+    if cfg.module.get("train_metrics", True):
+        no_metrics_cfg = with_train_metrics(cfg, False)
+        contenders[LIGHTNING_NO_METRICS] = lambda e: lightning_fit(no_metrics_cfg, datamodule, e)
+    contenders[PLAIN_DATALOADER] = lambda e: plain_dataloader(cfg, datamodule, e)
+
+    rates = measure(contenders, args.epochs, args.repeats, rows)
+    medians, ratios = summarize(rates)
+    title = (
+        f"training throughput: {rows} train rows, batch {datamodule.batch_size}, {args.epochs} epoch(s) x "
+        f"{args.repeats} round(s), {torch.get_num_threads()} threads"
+    )
+    report(rates, medians, title)
+    if LIGHTNING_NO_METRICS not in medians:
+        print("(module.train_metrics is already false: the lightning row has no train metrics)")
+    print(f"ratio {PLAIN_DATALOADER}/{PLAIN} = {ratios[f'{PLAIN_DATALOADER}/{PLAIN}']:.2f} (per-sample loading)")
+    print(f"ratio {LIGHTNING}/{PLAIN} = {ratios[f'{LIGHTNING}/{PLAIN}']:.2f} (target >= {TARGET_RATIO:.2f})")
+
+    if args.json is not None:
+        result = {
+            "overrides": overrides,
+            "config": {
+                key: OmegaConf.to_container(cfg[key], resolve=True)
+                for key in ("data", "features", "backbone", "loss", "module", "optimizer")
+            },
+            "train_rows": rows,
+            "batch_size": datamodule.batch_size,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "num_threads": torch.get_num_threads(),
+            "samples_per_s": medians,
+            "best_samples_per_s": {name: max(values) for name, values in rates.items()},
+            "runs_samples_per_s": rates,
+            "ratios": ratios,
+            "target_ratio": TARGET_RATIO,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""scripts/benchmark.py runs end to end on tiny data and writes its numbers (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def test_benchmark_script_writes_rates_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", "1", "--repeats", "1", "--json", str(out), "data.num_samples=1000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio lightning/plain" in proc.stdout
+
+    result = json.loads(out.read_text())
+    contenders = {"plain", "lightning", "lightning_no_train_metrics", "plain_dataloader"}
+    assert set(result["samples_per_s"]) == contenders
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    assert set(result["ratios"]) == {f"{name}/plain" for name in contenders - {"plain"}}
+    assert all(ratio > 0 for ratio in result["ratios"].values())
+    assert result["train_rows"] == 800 and result["overrides"] == ["data.num_samples=1000"]
