@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_experiments import tracking
-from mtl_experiments.errors import ConfigError
+from mtl_experiments.errors import ConfigError, MTLError
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import metric_directions
 from mtl_experiments.tasks import Task
@@ -38,6 +39,27 @@ def hydra_context(cfg: DictConfig) -> tuple[dict[str, str], list[str]]:
     else:
         return {}, []
     return ({str(k): v for k, v in hc.runtime.choices.items()}, list(hc.overrides.task))
+
+
+def build(cfg: DictConfig, key: str, **runtime: Any) -> Any:
+    """``instantiate(cfg[key])``, then called with ``runtime`` objects (which Hydra must not convert).
+
+    A failure becomes one ConfigError naming the config key (Hydra would wrap our own errors in an
+    InstantiationException and a typo'd option in a TypeError deep in a traceback).
+    """
+    node = cfg.get(key) if "." not in key else OmegaConf.select(cfg, key)
+    try:
+        if runtime:
+            return instantiate(node, _partial_=True, _convert_="all")(**runtime)
+        return instantiate(node, _convert_="all")
+    except MTLError:
+        raise
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MTLError):
+            raise e.__cause__ from None
+        raise ConfigError(f"Invalid config '{key}': {e}") from e
+    except TypeError as e:
+        raise ConfigError(f"Invalid config '{key}': {e}") from e
 
 
 def resolve_optimized_metric(cfg: DictConfig, tasks: Mapping[str, Task]) -> str:
@@ -101,29 +123,26 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
 
     # 1. build and validate everything (no run exists yet, so a bad value leaves nothing behind)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = build(cfg, "data")
     tasks = datamodule.tasks
     resolve_optimized_metric(cfg, tasks)  # before anything reads ${optimized_mode}
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     datamodule.setup()  # generate / load now: a missing file or a bad label fails here, in seconds
-    encoder = instantiate(cfg.features, _partial_=True, _convert_="all")(spec=datamodule.feature_spec)
-    backbone = instantiate(cfg.backbone, _partial_=True, _convert_="all")(
-        input_dim=encoder.output_dim, task_names=list(tasks)
-    )
+    encoder = build(cfg, "features", spec=datamodule.feature_spec)
+    backbone = build(cfg, "backbone", input_dim=encoder.output_dim, task_names=list(tasks))
     model = MultiTaskModel(encoder, backbone, tasks)
-    scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
-    module = instantiate(cfg.module, _partial_=True, _convert_="all")(
+    module = build(
+        cfg,
+        "module",
         model=model,
         tasks=tasks,
-        weighting=instantiate(cfg.loss, _convert_="all"),
-        optimizer=instantiate(cfg.optimizer, _convert_="all"),
-        scheduler=scheduler,
+        weighting=build(cfg, "loss"),
+        optimizer=build(cfg, "optimizer"),
+        scheduler=build(cfg, "scheduler") if cfg.get("scheduler") else None,
     )
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     loggers = _build_loggers(run_cfg, choices, overrides)
-    trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True, _convert_="all")(
-        callbacks=callbacks, logger=loggers or False
-    )
+    trainer: pl.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
 
     # 2. train, tracked; a run that raises ends FAILED
     mlflow_logger = next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None)

@@ -1,0 +1,133 @@
+"""MLflow tracking: URI resolution, fail-fast checks, and a real `mlflow server` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
+
+from mtl_experiments import tracking
+from mtl_experiments.errors import TrackingError
+from mtl_experiments.pipeline import train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_uri_is_an_absolute_sqlite_file_in_the_launch_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # outside a Hydra run: the process's cwd
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_environment_variable_is_read_at_run_time_and_config_wins(monkeypatch, tmp_path):
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5999"
+    assert tracking.resolve_tracking_uri("sqlite:////data/x.db") == "sqlite:////data/x.db"
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri("sqlite:///rel/x.db") == f"sqlite:///{tmp_path / 'rel' / 'x.db'}"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(make_cfg, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = make_cfg("logger.mlflow.tracking_uri=null")
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match=f"tracking server {uri} cannot be reached.*mlflow server"):
+        train(cfg)
+    assert time.perf_counter() - start < 30  # before any training
+
+
+def test_unwritable_sqlite_store_fails_fast(make_cfg, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    with pytest.raises(TrackingError, match="not_a_dir is not a directory"):
+        train(make_cfg(f"logger.mlflow.tracking_uri=sqlite:///{blocker / 'mlflow.db'}"))
+
+
+def test_file_store_is_refused_with_the_fix():
+    with pytest.raises(TrackingError, match="use sqlite:///"):
+        tracking.check_tracking_uri("file:///tmp/mlruns")
+
+
+def test_flatten_gives_dotted_params():
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {
+        "a.b": 1,
+        "a.c": "[1, 2]",
+        "d": None,
+        "e": "{}",
+    }
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root; stopped afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=1"))
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("mtl-experiments")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["loss"] == "equal"
+    assert "test/y1/auroc" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
+        "config/config.yaml",
+        "config/overrides.yaml",
+    }
