@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +18,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def main(cfg: DictConfig) -> float | None:
     from mtl_experiments.pipeline import train  # imported here so `--help` and config errors stay fast
 
+    # Lightning installs its own console handler; route its records through Hydra's logging instead
+    # (one line per message, with timestamps, also written to the run's log file).
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     try:
         return train(cfg)
     except MTLError as e:  # our errors already say what is wrong and how to fix it: no traceback
