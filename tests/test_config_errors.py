@@ -29,8 +29,8 @@ def test_unknown_option_lists_the_valid_choices(group, make_cfg):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["loss=fixed", "+loss.weights.clicks=1.0"], r"unknown task\(s\) \['clicks'\]"),
-        (["loss=fixed", "+loss.weights.y1=-1"], r"loss.weights.y1 must be a finite number >= 0"),
+        (["loss=fixed", "loss.weights={y1: 1.0, clicks: 1.0}"], r"unknown task\(s\) \['clicks'\]"),
+        (["loss=fixed", "loss.weights={y1: -1}"], r"loss.weights.y1 must be a finite number >= 0"),
         (["data.correlation=1.2"], r"data.correlation must lie in \[-1, 1\]"),
         (["data.correlation=-3"], r"data.correlation must lie in \[-1, 1\]"),
         (["data.batch_size=0"], "data.batch_size must be a positive integer"),
