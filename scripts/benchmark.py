@@ -35,6 +35,7 @@ Run (any Hydra override of ``train.py`` applies)::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -187,7 +188,7 @@ def lightning_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -
 
 
 def with_train_metrics(cfg: DictConfig, enabled: bool) -> DictConfig:
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.module.train_metrics = enabled
     return cfg
