@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -84,3 +86,12 @@ def test_cli_config_error_is_one_readable_line(tmp_path):
     assert "Error: data.correlation must lie in [-1, 1] (it is a cosine), got 2." in result.stderr
     assert "Traceback" not in result.stderr
     assert not db.exists()  # nothing half-written
+
+
+def test_console_script_is_the_same_entry_point():
+    exe = shutil.which("mtl-train") or str(Path(sys.executable).parent / "mtl-train")
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "train is powered by Hydra" in result.stdout
+    for group in ("backbone", "data", "loss"):
+        assert f"{group}: " + ", ".join(options(group)) in result.stdout
