@@ -10,6 +10,7 @@ Manual optimization, one path:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from mtl_experiments.errors import NonFiniteLossError
+from mtl_experiments.errors import ConfigError, NonFiniteLossError
 from mtl_experiments.grads import task_gradients
 from mtl_experiments.loss.base import Weighting
 from mtl_experiments.model import MultiTaskModel
@@ -62,7 +63,14 @@ class MTLModule(pl.LightningModule):
         self.gradient_clip_val, self.gradient_clip_algorithm = float(gradient_clip_val), gradient_clip_algorithm
         self.train_metrics = train_metrics
         self._train_outputs = []
-        self.weighting.setup(self.tasks)
+        self.weighting.setup(self.tasks, model)
+        self._shares_parameters = bool(model.shared_parameters())
+        if weighting.needs_task_grads and not self._shares_parameters:
+            warnings.warn(
+                f"{type(weighting).__name__} aggregates gradients of shared parameters, but "
+                f"{type(model.backbone).__name__} shares none: here it acts as equal weighting.",
+                stacklevel=2,
+            )
         # nn.ModuleDict keys may not shadow Module attributes ("train"), hence the "on_" prefix
         self.task_metrics = nn.ModuleDict(
             {
@@ -107,7 +115,9 @@ class MTLModule(pl.LightningModule):
         losses = self._losses(outputs, labels)
         self._check_finite(losses)
         shared = self.model.shared_parameters()
-        grads = task_gradients(losses, shared) if self.weighting.needs_task_grads else None
+        grads = None
+        if self.weighting.needs_task_grads and self._shares_parameters:
+            grads = task_gradients(losses, self.weighting.task_grad_inputs(self.model))
         opt.zero_grad()
         weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
         if self.gradient_clip_val > 0:
@@ -128,10 +138,22 @@ class MTLModule(pl.LightningModule):
         if every and (self.global_step % every == 0 or self.trainer.should_stop):
             losses = losses.detach()
             logs = {"train/loss": (weights * losses).sum()}
+            norms = grads.norm(dim=1) if grads is not None else None
             for i, name in enumerate(self.tasks):
                 logs[f"train/loss/{name}"] = losses[i]
                 logs[f"train/weight/{name}"] = weights[i]
+                if norms is not None:
+                    logs[f"train/grad_norm/{name}"] = norms[i]
+            logs.update({f"train/{k}": v.detach() for k, v in self.weighting.log_values().items()})
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(labels[name]))
+
+    def on_fit_start(self) -> None:
+        if self.weighting.needs_task_grads and str(self.trainer.precision).startswith("16"):
+            # a GradScaler scales the real backward but not the per-task gradients we write into .grad
+            raise ConfigError(
+                f"{type(self.weighting).__name__} computes per-task gradients, which float16 mixed precision "
+                "(loss scaling) would corrupt; use trainer.precision=bf16-mixed or 32."
+            )
 
     def on_train_epoch_start(self) -> None:
         self._train_outputs: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []

@@ -27,11 +27,14 @@ class Backbone(nn.Module):
 
     ``shared_parameters()`` returns the dense parameters shared by several tasks (bottom MLP, experts,
     gates), never embedding tables; ``last_shared_layer`` names the module whose weight GradNorm
-    measures (None when nothing is shared).
+    measures (None when nothing is shared). A backbone whose tasks all read one shared tensor sets
+    ``has_representation`` and stores that tensor as ``representation`` in each forward.
     """
 
     output_dim: int
     last_shared_layer: str | None = None
+    has_representation: bool = False  # True if forward() stores the one shared representation ...
+    representation: Tensor | None = None  # ... here, for gradient methods with grad_source=representation
 
     def __init__(self, input_dim: int, task_names: Sequence[str]):
         super().__init__()

@@ -33,8 +33,10 @@ class SharedBottom(Backbone):
         linears = [name for name, m in self.bottom.named_modules() if isinstance(m, nn.Linear)]
         self.last_shared_layer = f"bottom.{linears[-1]}"
 
+    has_representation = True
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        h = self.bottom(x)
+        h = self.representation = self.bottom(x)
         return {t: tower(h) for t, tower in self.towers.items()}
 
     def shared_parameters(self) -> list[nn.Parameter]:

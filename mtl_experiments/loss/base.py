@@ -1,31 +1,68 @@
 """The loss-weighting contract (DESIGN.md §4).
 
-A weighting turns the per-task losses (and, if it asks for them, the per-task gradients of the
-shared dense parameters) into one real backward pass, and reports the weights it applied. The
-training step calls ``backward`` and the named hooks and never asks which method it runs.
+A weighting turns the per-task losses (and, if it asks for them, the per-task gradients ``G[T, P]``
+of the shared dense parameters or of the shared representation) into exactly one real backward pass,
+and reports the weights it applied. The training step calls ``backward`` and the named hooks and
+never asks which method it runs.
 
-- ``LossWeighting``: methods that only need the losses; implement ``forward(losses) -> (total, weights)``.
-- Gradient-level methods (PCGrad, MGDA, ...) set ``needs_task_grads = True`` and use ``task_grads``.
+- ``LossWeighting``: methods that only combine losses; implement ``forward(losses) -> (total, weights)``.
+- ``GradientAggregation``: methods that map ``G`` to one update of the shared parameters (PCGrad,
+  MGDA, UPGrad, ...); implement ``aggregate(G) -> (update[P], weights[T])``.
+- Anything else (GradNorm: its own weight optimizer) subclasses ``Weighting`` and overrides what it needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
+from mtl_experiments.errors import ConfigError
 from mtl_experiments.tasks import Task
+
+if TYPE_CHECKING:
+    from mtl_experiments.model import MultiTaskModel
+
+GRAD_SOURCES = ("params", "representation")
 
 
 class Weighting(nn.Module):
-    """Base of every method. Subclasses override ``backward`` and, where they need them, the hooks."""
+    """Base of every method. Subclasses override ``backward`` and, where they need them, the hooks.
+
+    ``needs_task_grads``: whether the step must compute ``G`` for this method. ``grad_sources``: the
+    gradient sources it supports; ``grad_source`` (a constructor option of gradient-level methods)
+    picks one: ``params`` = the backbone's shared dense parameters, ``representation`` = the shared
+    representation the backbone computes (cheaper; MGDA-UB, Sener & Koltun 2018 §3.3).
+    """
 
     needs_task_grads: bool = False
+    grad_sources: tuple[str, ...] = ()
+    grad_source: str = "params"
 
-    def setup(self, tasks: Mapping[str, Task]) -> None:
-        """Called once before training with the tasks in config order; validate the config here."""
+    def setup(self, tasks: Mapping[str, Task], model: MultiTaskModel | None = None) -> None:
+        """Called once before training with the tasks in config order and the model; validate here."""
         self.task_names = list(tasks)
         self.num_tasks = len(self.task_names)
+        if not self.needs_task_grads:
+            return
+        if self.grad_source not in self.grad_sources:
+            raise ConfigError(
+                f"{type(self).__name__} supports loss.grad_source in {list(self.grad_sources)}, "
+                f"got {self.grad_source!r}."
+            )
+        if model is not None and self.grad_source == "representation" and not model.backbone.has_representation:
+            raise ConfigError(
+                f"loss.grad_source=representation needs a backbone with one shared representation; "
+                f"{type(model.backbone).__name__} has none. Use loss.grad_source=params."
+            )
+
+    def task_grad_inputs(self, model: MultiTaskModel) -> list[Tensor]:
+        """What ``G`` is taken with respect to, this step (called after the forward pass)."""
+        if self.grad_source == "representation":
+            return [model.backbone.representation]
+        return list(model.shared_parameters())
 
     def backward(
         self,
@@ -34,8 +71,15 @@ class Weighting(nn.Module):
         shared_params: Sequence[nn.Parameter],
         backward_fn: Callable[[Tensor], None],
     ) -> Tensor:
-        """Run exactly one ``backward_fn(total)`` (Lightning's ``manual_backward``); return weights ``[T]``."""
+        """Run exactly one ``backward_fn(total)`` (Lightning's ``manual_backward``); return weights ``[T]``.
+
+        ``task_grads`` is None when the method needs none, or when the backbone shares nothing.
+        """
         raise NotImplementedError
+
+    def log_values(self) -> dict[str, Tensor]:
+        """Method state worth plotting (e.g. learned log-variances), logged as ``train/<key>``."""
+        return {}
 
     # Hooks, named after the moment they run. Defaults do nothing.
     def after_optimizer_step(self, losses: Tensor) -> None:
@@ -54,4 +98,54 @@ class LossWeighting(Weighting):
     def backward(self, losses, task_grads, shared_params, backward_fn):
         total, weights = self(losses)
         backward_fn(total)
+        return weights.detach()
+
+
+def effective_weights(grads: Tensor, update: Tensor) -> Tensor:
+    """The w with ``Gᵀw`` closest to ``update`` (least squares through the T×T Gramian).
+
+    For aggregators whose update is not given as a weighted sum (PCGrad, GradDrop, ...), this is
+    the per-task weight they effectively applied, so every method logs comparable ``train/weight/*``.
+    """
+    gram = grads @ grads.T
+    rhs = grads @ update
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean().clamp_min(1e-30) * eye, rhs).solution
+
+
+class GradientAggregation(Weighting):
+    """Methods that aggregate the per-task gradients into one update (TorchJD's "aggregator").
+
+    With ``grad_source=params`` the update replaces the shared parameters' gradient, and every other
+    parameter (towers, heads, embeddings) gets the gradient of Σ_t L_t from the one real backward
+    (a task-specific parameter is reached only by its own task, so that is its own task's gradient).
+    With ``grad_source=representation`` the aggregator's weights are computed on the gradients of the
+    shared representation and the real backward is of Σ_t w_t·L_t (MGDA-UB).
+    When the backbone shares no parameters (single_task) there is nothing to aggregate: Σ_t L_t.
+    """
+
+    needs_task_grads = True
+    grad_sources = GRAD_SOURCES
+
+    def __init__(self, grad_source: str = "params"):
+        super().__init__()
+        self.grad_source = grad_source
+
+    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, losses, task_grads, shared_params, backward_fn):
+        if task_grads is None or task_grads.shape[1] == 0:
+            backward_fn(losses.sum())
+            return torch.ones_like(losses).detach()
+        update, weights = self.aggregate(task_grads)
+        if self.grad_source == "representation":
+            backward_fn((weights.detach().to(losses.dtype) * losses).sum())
+            return weights.detach()
+        backward_fn(losses.sum())
+        offset = 0
+        for p in shared_params:
+            n = p.numel()
+            p.grad = update[offset : offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
         return weights.detach()

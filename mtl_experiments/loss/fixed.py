@@ -22,8 +22,8 @@ class Fixed(LossWeighting):
         super().__init__()
         self.weights_cfg = dict(weights or {})
 
-    def setup(self, tasks: Mapping[str, Task]) -> None:
-        super().setup(tasks)
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
         unknown = sorted(set(self.weights_cfg) - set(self.task_names))
         if unknown:
             raise ConfigError(

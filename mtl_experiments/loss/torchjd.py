@@ -1,0 +1,47 @@
+"""Adapter for TorchJD's aggregators (Quinton & Rey, "Jacobian Descent for Multi-Objective
+Optimization", 2024; PyPI ``torchjd``, pinned ``>=0.18,<0.19``). The only file that imports TorchJD.
+
+We do not use TorchJD's ``backward``/``mtl_backward``: they bypass Lightning's ``manual_backward``
+(precision and strategy hooks) and do no DDP gradient sync. Instead our step computes the Jacobian
+``G[T, P]`` once (``grads.py``) and the aggregator is called on it as a pure function. Aggregators
+that weight the rows of G (``WeightedAggregator``) report those weights; for the others (PCGrad,
+GradDrop, ...) the logged weights are the least-squares effective weights of the update.
+
+Randomised aggregators draw from the global RNG; each call runs inside ``torch.random.fork_rng``
+seeded from this adapter's own generator, so they neither disturb nor depend on the training RNG
+(dropout, shuffling) and a run is reproducible for its seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchjd.aggregation import Aggregator, WeightedAggregator
+
+from mtl_experiments.loss.base import GradientAggregation, effective_weights
+
+
+class TorchJD(GradientAggregation):
+    """``update = aggregator(G)``; ``aggregator`` is any ``torchjd.aggregation.Aggregator`` (from YAML)."""
+
+    def __init__(self, aggregator: Aggregator, grad_source: str = "params", seed: int = 0):
+        super().__init__(grad_source=grad_source)
+        self.aggregator = aggregator
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        devices = [grads.device] if grads.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
+            if isinstance(self.aggregator, WeightedAggregator):
+                weights = self.aggregator.weighting(grads)
+                return weights @ grads, weights
+            update = self.aggregator(grads)
+        return update, effective_weights(grads, update)
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
