@@ -117,6 +117,26 @@ def print_results(results: Mapping[str, float], tasks: Mapping[str, Task], stage
     Console().print(table)
 
 
+def build_model(cfg: DictConfig, datamodule) -> MultiTaskModel:
+    """features -> backbone -> heads, sized from the set-up datamodule's feature spec and tasks."""
+    encoder = build(cfg, "features", spec=datamodule.feature_spec)
+    backbone = build(cfg, "backbone", input_dim=encoder.output_dim, task_names=list(datamodule.tasks))
+    return MultiTaskModel(encoder, backbone, datamodule.tasks)
+
+
+def build_module(cfg: DictConfig, datamodule, model: MultiTaskModel):
+    """The LightningModule: model, tasks, weighting, optimizer and scheduler from the config."""
+    return build(
+        cfg,
+        "module",
+        model=model,
+        tasks=datamodule.tasks,
+        weighting=build(cfg, "loss"),
+        optimizer=build(cfg, "optimizer"),
+        scheduler=build(cfg, "scheduler") if cfg.get("scheduler") else None,
+    )
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train and test one configuration; returns the best value of ``cfg.optimized_metric``."""
     choices, overrides = hydra_context(cfg)
@@ -128,18 +148,7 @@ def train(cfg: DictConfig) -> float | None:
     resolve_optimized_metric(cfg, tasks)  # before anything reads ${optimized_mode}
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     datamodule.setup()  # generate / load now: a missing file or a bad label fails here, in seconds
-    encoder = build(cfg, "features", spec=datamodule.feature_spec)
-    backbone = build(cfg, "backbone", input_dim=encoder.output_dim, task_names=list(tasks))
-    model = MultiTaskModel(encoder, backbone, tasks)
-    module = build(
-        cfg,
-        "module",
-        model=model,
-        tasks=tasks,
-        weighting=build(cfg, "loss"),
-        optimizer=build(cfg, "optimizer"),
-        scheduler=build(cfg, "scheduler") if cfg.get("scheduler") else None,
-    )
+    module = build_module(cfg, datamodule, build_model(cfg, datamodule))
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     loggers = _build_loggers(run_cfg, choices, overrides)
     trainer: pl.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)

@@ -25,11 +25,17 @@ run interleaved (A, B, C, D, A, B, C, D, ...) for ``--repeats`` rounds; the tabl
 samples/s of each and ratios of medians. Thread count is torch's default. The exit code is 0 whatever
 the ratio: this is a measurement, not a test.
 
+With ``--methods`` it instead measures the training step time of every loss weighting method
+(``conf/loss/*.yaml``, or ``--methods-list a,b``) relative to ``loss=equal`` on the same model and
+data, for each task count in ``--tasks`` (default 2 and 4; tasks beyond the config's are added as
+binary tasks ``y3``, ``y4``, ...), interleaved the same way.
+
 Run (any Hydra override of ``train.py`` applies)::
 
     python scripts/benchmark.py
     python scripts/benchmark.py --epochs 5 --repeats 5 --json bench.json
     python scripts/benchmark.py backbone=single_task data.batch_size=512
+    python scripts/benchmark.py --methods --tasks 2,4 --json methods.json
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mtl_experiments import pipeline
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.errors import MTLError
 from mtl_experiments.model import MultiTaskModel
@@ -80,23 +87,11 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def build_model(cfg: DictConfig, datamodule: TabularDataModule) -> MultiTaskModel:
     """A fresh model seeded with ``cfg.seed``: every call returns the same initial weights."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    encoder = instantiate(cfg.features, _partial_=True, _convert_="all")(spec=datamodule.feature_spec)
-    backbone = instantiate(cfg.backbone, _partial_=True, _convert_="all")(
-        input_dim=encoder.output_dim, task_names=list(datamodule.tasks)
-    )
-    return MultiTaskModel(encoder, backbone, datamodule.tasks)
+    return pipeline.build_model(cfg, datamodule)
 
 
 def build_module(cfg: DictConfig, datamodule: TabularDataModule) -> MTLModule:
-    model = build_model(cfg, datamodule)
-    scheduler = instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None
-    return instantiate(cfg.module, _partial_=True, _convert_="all")(
-        model=model,
-        tasks=datamodule.tasks,
-        weighting=instantiate(cfg.loss, _convert_="all"),
-        optimizer=instantiate(cfg.optimizer, _convert_="all"),
-        scheduler=scheduler,
-    )
+    return pipeline.build_module(cfg, datamodule, build_model(cfg, datamodule))
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -169,9 +164,24 @@ def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int
     return time.perf_counter() - start
 
 
-def lightning_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+class StepTimer(pl.Callback):
+    """Wall time of the training steps alone (batch start to batch end), without fit set-up or epoch ends."""
+
+    def __init__(self):
+        self.seconds, self.steps, self._start = 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._start
+        self.steps += 1
+
+
+def lightning_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=()) -> float:
     module = build_module(cfg, datamodule)
     trainer = pl.Trainer(
+        callbacks=list(callbacks),
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
@@ -236,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per timed run (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
+    parser.add_argument("--methods", action="store_true", help="step time of each loss method relative to equal")
+    parser.add_argument("--methods-list", default=None, help="comma-separated methods (default: all conf/loss)")
+    parser.add_argument("--tasks", default="2,4", help="task counts for --methods (default 2,4)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -245,6 +258,69 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, overrides
 
 
+def task_overrides(cfg: DictConfig, num_tasks: int) -> list[str]:
+    """Overrides that give the config ``num_tasks`` tasks (extra ones binary, named y3, y4, ...)."""
+    have = list(cfg.data.tasks)
+    if num_tasks < len(have):
+        return [f"~data.tasks.{name}" for name in have[num_tasks:]]
+    return [f"+data.tasks.y{i + 1}={{kind: binary}}" for i in range(len(have), num_tasks)]
+
+
+def method_step_times(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Per-step training time of each loss method relative to ``equal``, per task count."""
+    methods = (
+        args.methods_list.split(",")
+        if args.methods_list
+        else sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
+    )
+    methods = ["equal", *[m for m in methods if m != "equal"]]
+    task_counts = [int(t) for t in args.tasks.split(",")]
+    base = compose_config(overrides)
+    setups = {}
+    for t in task_counts:
+        for method in methods:
+            cfg = compose_config([*overrides, *task_overrides(base, t), f"loss={method}"])
+            datamodule = instantiate(cfg.data, _convert_="all")
+            datamodule.setup()
+            setups[(t, method)] = (cfg, datamodule)
+
+    def step_ms(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+        timer = StepTimer()
+        lightning_fit(cfg, datamodule, epochs, callbacks=[timer])
+        return 1e3 * timer.seconds / timer.steps
+
+    for cfg, datamodule in setups.values():  # warm-up, untimed
+        step_ms(cfg, datamodule, 1)
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in setups}
+    for _ in range(args.repeats):
+        for key, (cfg, datamodule) in setups.items():
+            times[key].append(step_ms(cfg, datamodule, args.epochs))
+    ms = {key: statistics.median(values) for key, values in times.items()}
+    table = Table(title=f"step time per loss method ({args.epochs} epoch(s) x {args.repeats} round(s), median)")
+    table.add_column("method")
+    for t in task_counts:
+        table.add_column(f"T={t} ms/step", justify="right")
+        table.add_column(f"T={t} / equal", justify="right")
+    for method in methods:
+        row = []
+        for t in task_counts:
+            row += [f"{ms[(t, method)]:.2f}", f"{ms[(t, method)] / ms[(t, 'equal')]:.2f}x"]
+        table.add_row(method, *row)
+    Console(width=120).print(table)
+    if args.json is not None:
+        result = {
+            "overrides": overrides,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "num_threads": torch.get_num_threads(),
+            "ms_per_step": {f"{m}@T{t}": v for (t, m), v in ms.items()},
+            "ratio_to_equal": {f"{m}@T{t}": v / ms[(t, "equal")] for (t, m), v in ms.items()},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -252,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     # "consider more workers" and similar hints are about the user's setup, not this measurement
     warnings.filterwarnings("ignore", module=r"lightning\.")
 
+    if args.methods:
+        try:
+            return method_step_times(args, overrides)
+        except (MTLError, HydraException, OmegaConfBaseException) as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = compose_config(overrides)
         datamodule = instantiate(cfg.data, _convert_="all")

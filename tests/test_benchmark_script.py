@@ -28,3 +28,33 @@ def test_benchmark_script_writes_rates_and_ratios(tmp_path):
     assert set(result["ratios"]) == {f"{name}/plain" for name in contenders - {"plain"}}
     assert all(ratio > 0 for ratio in result["ratios"].values())
     assert result["train_rows"] == 800 and result["overrides"] == ["data.num_samples=1000"]
+
+
+def test_methods_mode_reports_step_time_relative_to_equal(tmp_path):
+    out = tmp_path / "methods.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--methods",
+            "--methods-list",
+            "fixed",
+            "--tasks",
+            "2,3",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "data.num_samples=600",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["ratio_to_equal"]) == {"equal@T2", "fixed@T2", "equal@T3", "fixed@T3"}
+    assert result["ratio_to_equal"]["equal@T2"] == 1.0
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
