@@ -92,7 +92,10 @@ def _build_loggers(cfg: DictConfig, choices: dict[str, str], overrides: list[str
             uri = tracking.resolve_tracking_uri(factory.keywords.get("tracking_uri"))
             tracking.check_tracking_uri(uri)
             tracking.ensure_experiment(uri, factory.keywords.get("experiment_name") or cfg.experiment_name)
-            tags = {**tracking.run_tags(choices, overrides), **(factory.keywords.get("tags") or {})}
+            tags = {
+                **tracking.run_tags(choices, overrides, loss=cfg.get("loss")),
+                **(factory.keywords.get("tags") or {}),
+            }
             run_name = factory.keywords.get("run_name") or "-".join(
                 [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"]
             )

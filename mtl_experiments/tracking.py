@@ -123,9 +123,11 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_tags(choices: Mapping[str, str], overrides: list[str]) -> dict[str, str]:
-    """Hydra's chosen options (``data``, ``backbone``, ``loss``, ...), overrides, code and library versions."""
+def run_tags(choices: Mapping[str, str], overrides: list[str], loss: Mapping | None = None) -> dict[str, str]:
+    """Hydra's chosen options (``data``, ``backbone``, ``loss``, ...), the weighting method's
+    hyper-parameters (``loss.<key>``, so runs can be filtered by them), overrides, code and versions."""
     tags = {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra")}
+    tags.update({f"loss.{k}": str(v) for k, v in flatten(loss or {}).items()})
     tags["overrides"] = " ".join(overrides)[:5000]
     commit = git_commit()
     if commit:

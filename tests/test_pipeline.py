@@ -23,6 +23,7 @@ def test_default_run_is_tracked_completely(make_cfg, mlflow_runs, tracking_uri):
         "adam",
     )
     assert "data.num_samples=2000" in tags["overrides"]
+    assert tags["loss._target_"] == "mtl_experiments.loss.equal.Equal"  # the method's hyper-parameters as tags
     assert tags["version.torch"]
     params = run.data.params
     assert params["data.num_samples"] == "2000"
