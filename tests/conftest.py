@@ -43,6 +43,19 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | 
     return cfg
 
 
+def load_weighting(name: str, tasks=None, **overrides):
+    """``conf/loss/<name>.yaml`` (+ overrides) instantiated under a root with ``seed: 0`` (so ``${seed}``
+    resolves as in conf/train.yaml) and set up for ``tasks``."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.merge({"seed": 0, "loss": OmegaConf.load(CONF / "loss" / f"{name}.yaml")}, {"loss": overrides})
+    weighting = instantiate(root.loss, _convert_="all")
+    if tasks is not None:
+        weighting.setup(tasks)
+    return weighting
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"

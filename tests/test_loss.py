@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.grads import task_gradients
 from mtl_experiments.loss.base import GradientAggregation, Weighting, effective_weights
 from mtl_experiments.tasks import build_tasks
-from tests.conftest import CONF, options
+from tests.conftest import CONF, load_weighting, options
 
 TASKS = build_tasks({"ctr": {"kind": "binary"}, "cvr": {"kind": "binary"}, "watch": {"kind": "regression"}})
 
 
 def weighting(name: str, **overrides) -> Weighting:
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "loss" / f"{name}.yaml"), overrides)
-    w = instantiate(cfg, _convert_="all")
-    w.setup(TASKS)
-    return w
+    return load_weighting(name, TASKS, **overrides)
 
 
 def toy_problem():
