@@ -83,7 +83,8 @@ class Weighting(nn.Module):
 
     # Hooks, named after the moment they run. Defaults do nothing.
     def after_optimizer_step(self, losses: Tensor) -> None:
-        """After ``optimizer.step()`` (e.g. FAMO updates its logits with the new losses here)."""
+        """After ``optimizer.step()``; ``losses``: this step's detached per-task losses, computed before the
+        step (FAMO updates its logits from consecutive steps' losses here)."""
 
     def on_train_epoch_end(self, epoch: int) -> None:
         """After each training epoch (e.g. DWA records the epoch's mean losses here)."""
