@@ -1,0 +1,103 @@
+"""UPGrad: Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv:2406.16232), §3.
+
+Each task gradient is projected onto the dual cone of all task gradients, C = {x : ⟨x, g_t⟩ ≥ 0 ∀t},
+and the projections are averaged (the paper's A_UPGrad, uniform preference):
+
+    update = (1/T) Σ_i π_C(g_i),    π_C(Jᵀu) = Jᵀλ  with  λ = argmin_{λ ≥ u} λᵀGλ,  G = J Jᵀ   (Prop. 1)
+
+so ``weights = (1/T) Σ_i λ^(i)`` with ``λ^(i) = argmin_{λ ≥ e_i} λᵀGλ`` and ``update = weightsᵀ J``.
+Every projection lies in C, so their mean does: ⟨update, g_t⟩ ≥ 0 for every task (the step raises no
+task's loss to first order). That guarantee is the method; this file exists to keep it.
+
+Why not TorchJD 0.18's ``UPGrad`` (its default ``QuadprogProjector``):
+- it solves min λᵀ(G/tr G + 1e-4·I)λ: the ridge turns the KKT condition Gλ = μ ≥ 0 into Gλ = μ − ελ,
+  so ⟨update, g_t⟩ goes negative when one task's share of tr G is comparable to 1e-4. J = [[1, 0],
+  [-100, 1]] gives update (-25.0, 0.505), ⟨update, g_1⟩ = -25; with random norm ratios in 1e-3..1e3 two
+  thirds of the cases raise some task's loss;
+- it replaces G by 0 when tr G < 1e-4 (``norm_eps``), turning UPGrad into the mean for small gradients
+  (J = 1e-3·[[1, 0], [-2, 1]] gives the mean, which conflicts with g_1);
+- with ``reg_eps=0`` quadprog rejects the singular Gramians of dependent gradients (duplicates, T > P);
+- it needs the optional ``quadprog``/``qpsolvers`` dependencies.
+
+Our solver is exact up to rounding and does not depend on gradient scales: with D = diag(‖g_t‖) and the
+cosine matrix K = D⁻¹GD⁻¹, ``λ^(i) = ‖g_i‖·D⁻¹y`` where ``y = argmin_{y ≥ e_i} yᵀKy`` is the same
+projection for the unit gradient ĝ_i (π_C is positively homogeneous and C does not change when rows are
+rescaled). Each T×T problem is solved in float64 by Lawson–Hanson's active-set method, which terminates
+with the exact KKT point (K_FF y_F = −K_FA e_A on the free set F, multipliers Ky ≥ 0 on the bound set A).
+A task whose gradient is exactly zero constrains nothing; its weight is its lower bound 1/T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl_experiments.loss.base import GradientAggregation
+
+# KKT tolerance on the multipliers Ky (cosine units, |K_ij| ≤ 1): a bound is released only if its
+# multiplier is below -_TOL, so rounding noise cannot make the active set cycle.
+_TOL = 1e-13
+_MAX_STEPS_PER_TASK = 50  # Lawson–Hanson needs at most a few steps per task; a safety cap
+
+
+def _min_over_bounds(cos: Tensor, lower: Tensor) -> Tensor:
+    """``argmin_{y ≥ lower} yᵀ K y`` for a PSD ``K`` (float64, CPU), by Lawson–Hanson's active-set method.
+
+    ``y`` stays feasible throughout; ``free`` marks the coordinates above their bound.
+    """
+    n = lower.shape[0]
+    y = lower.clone()
+    free = torch.zeros(n, dtype=torch.bool)
+    for _ in range(_MAX_STEPS_PER_TASK * n):
+        multipliers = cos @ y  # gradient of ½yᵀKy: the KKT multipliers of the bounds y ≥ lower
+        release = ~free & (multipliers < -_TOL)
+        if not release.any():
+            break  # optimal: every bound still held has a non-negative multiplier
+        free[torch.where(release, multipliers, torch.inf).argmin()] = True
+        while free.any():
+            # minimiser over the free coordinates, the bound ones held at their bounds
+            target = y.clone()
+            rhs = -(cos[free][:, ~free] @ lower[~free])
+            target[free] = torch.linalg.lstsq(cos[free][:, free], rhs.unsqueeze(-1)).solution.squeeze(-1)
+            if bool((target[free] > lower[free]).all()):
+                y = target
+                break
+            # walk towards it until the first free coordinate reaches its bound; that one becomes bound
+            hits = (free & (target <= lower)).nonzero().flatten()
+            gap, drop = y[hits] - lower[hits], y[hits] - target[hits]  # drop ≥ gap ≥ 0
+            ratios = torch.where(drop > 0, gap / drop.clamp_min(1e-300), torch.zeros_like(gap))
+            y = y + ratios.min() * (target - y)
+            free[hits[ratios.argmin()]] = False
+            free &= y > lower
+            y[~free] = lower[~free]
+    return y
+
+
+def upgrad_weights(gram: Tensor) -> Tensor:
+    """UPGrad's weights ``(1/T) Σ_i argmin_{λ ≥ e_i} λᵀGλ`` from the Gramian ``G = J Jᵀ`` (float64, CPU)."""
+    num_tasks = gram.shape[0]
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    nonzero = norms > 0
+    weights = torch.where(nonzero, 0.0, 1.0 / num_tasks).to(gram.dtype)
+    idx = nonzero.nonzero().flatten()
+    if idx.numel() == 0:
+        return weights
+    n = norms[idx]
+    cos = gram[idx][:, idx] / torch.outer(n, n)
+    eye = torch.eye(idx.numel(), dtype=gram.dtype)
+    for k in range(idx.numel()):
+        y = _min_over_bounds(cos, eye[k])  # projection of the unit gradient ĝ_k, in cosine coordinates
+        weights[idx] += (n[k] / num_tasks) * y / n  # back to λ for g_k/T
+    return weights
+
+
+class UPGrad(GradientAggregation):
+    """``update = (1/T) Σ_i π_C(g_i)``; ⟨update, g_t⟩ ≥ 0 for every task (see the module docstring)."""
+
+    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        # float64 throughout: the guarantee is a sign, and with norm ratios of 1e3 float32 rounding of
+        # the weights alone moves ⟨update, g_t⟩ by ~1% of its value
+        g = grads.detach().to(torch.float64)
+        gram = (g @ g.T).cpu()  # T×T: solving it on the CPU costs one small transfer
+        weights = upgrad_weights(gram).to(g.device)
+        return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
