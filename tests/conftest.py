@@ -43,6 +43,21 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | 
     return cfg
 
 
+def bare_trainer(**kwargs):
+    """A CPU Lightning Trainer with no logger, checkpoints, progress bar, summary or validation."""
+    import lightning.pytorch as pl
+
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def load_weighting(name: str, tasks=None, **overrides):
     """``conf/loss/<name>.yaml`` (+ overrides) instantiated under a root with ``seed: 0`` (so ``${seed}``
     resolves as in conf/train.yaml) and set up for ``tasks``."""

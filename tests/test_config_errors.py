@@ -42,6 +42,9 @@ def test_unknown_option_lists_the_valid_choices(group, make_cfg):
         (["optimized_metric=test/mean_auroc"], "never select on test"),
         (["optimized_metric=val/mean_mse"], "is not logged by this run"),
         (["optimized_mode=min"], "contradicts val/mean_auroc"),
+        (["loss=aligned_mtl", "loss.aggregator.scale_mode=mean"], r"loss.aggregator \(AlignedMTL\)"),
+        (["loss=pcgrad", "loss.grad_source=weights"], "loss.grad_source"),
+        (["loss=uncertainty", "loss.init_log_var=nan"], "loss.init_log_var"),
     ],
 )
 def test_bad_values_fail_before_a_run_exists(overrides, message, make_cfg, mlflow_runs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mtl_experiments.grads import task_gradients
+from mtl_experiments.grads import _task_gradients_loop, task_gradients
 
 
 def test_task_gradients_by_hand():
@@ -20,3 +20,13 @@ def test_task_gradients_by_hand():
     assert w.grad is None
     losses.sum().backward()
     assert torch.equal(w.grad, torch.tensor([17.0, 12.0]))
+
+
+def test_batched_and_per_task_gradients_agree_on_a_network():
+    torch.manual_seed(0)
+    shared = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(3)])
+    h = shared(torch.randn(10, 6))
+    losses = torch.stack([heads[t](h).square().mean() * (t + 1) for t in range(3)])
+    params = list(shared.parameters())
+    assert torch.allclose(task_gradients(losses, params), _task_gradients_loop(losses, params), atol=1e-6)

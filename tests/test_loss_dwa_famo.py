@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 from mtl_experiments.pipeline import train
 from mtl_experiments.tasks import build_tasks
+from tests.conftest import bare_trainer
 
 TASKS = build_tasks({"a": {"kind": "binary"}, "b": {"kind": "regression"}})
 
@@ -49,16 +49,7 @@ def fit(weighting, max_epochs=None, max_steps=-1):
     encoder = FeatureEncoder(dm.feature_spec)
     model = MultiTaskModel(encoder, SharedBottom(encoder.output_dim, list(dm.tasks), (8,), (4,)), dm.tasks)
     module = MTLModule(model, dm.tasks, weighting, functools.partial(torch.optim.SGD, lr=0.05), train_metrics=False)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = bare_trainer(max_epochs=max_epochs, max_steps=max_steps)
     trainer.fit(module, datamodule=dm)
     return module
 

@@ -23,7 +23,7 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 from mtl_experiments.tasks import build_tasks
 from mtl_experiments.tasks.regression import RegressionTask
-from tests.conftest import CONF, options
+from tests.conftest import CONF, bare_trainer, options
 
 TWO = build_tasks({"a": {"kind": "regression"}, "b": {"kind": "regression"}})
 
@@ -168,16 +168,7 @@ def test_weighted_gradient_norms_converge_on_the_ten_times_toy():
     weighting = gradnorm(tasks, model)  # defaults: alpha 1.5, Adam lr 0.025
     module = MTLModule(model, tasks, weighting, functools.partial(torch.optim.SGD, lr=0.01), train_metrics=False)
     record = Record()
-    trainer = pl.Trainer(
-        max_steps=200,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        callbacks=[record],
-    )
+    trainer = bare_trainer(max_steps=200, callbacks=[record])
     trainer.fit(module, train_dataloaders=TensorBatchLoader(split, batch_size=64, shuffle=True))
     assert len(record.sums) == 200
     assert all(abs(s - 2.0) < 1e-5 for s in record.sums)  # Σ w_t = T at every step

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -19,7 +18,7 @@ from mtl_experiments.loss.uncertainty import Uncertainty
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 from mtl_experiments.tasks import Task, build_tasks
-from tests.conftest import CONF
+from tests.conftest import CONF, bare_trainer
 
 TASKS = build_tasks({"ctr": {"kind": "binary"}, "cvr": {"kind": "binary"}, "watch": {"kind": "regression"}})
 
@@ -181,15 +180,7 @@ def test_a_run_with_mixed_task_kinds_uses_each_tasks_form():
         loss_a = module.tasks["a"].loss(out["a"], batch["labels"]["a"]).item()
         loss_b = module.tasks["b"].loss(out["b"], batch["labels"]["b"]).item()
     dm = SyntheticDataModule(tasks=MIXED, num_samples=400, input_dim=10, batch_size=32)  # fresh epoch counter
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = bare_trainer(max_steps=1)
     trainer.fit(module, datamodule=dm)
     expected = [-lr * (0.5 - loss_a), -lr * (0.5 - 0.5 * loss_b)]
     assert module.weighting.log_var.tolist() == pytest.approx(expected, abs=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.loss.fixed import Fixed
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
+from tests.conftest import bare_trainer
 
 TASKS = {"a": {"kind": "binary"}, "b": {"kind": "regression"}}
 
@@ -30,15 +30,7 @@ def setup_module_and_batch(weights=None, lr=0.1):
 
 
 def run_steps(module, dm, steps):
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = bare_trainer(max_steps=steps)
     trainer.fit(module, datamodule=dm)
     return trainer
 

@@ -102,6 +102,16 @@ class LossWeighting(Weighting):
         return weights.detach()
 
 
+def run_seed(seed: int | None) -> int:
+    """A method's own RNG seed: ``seed``, or, when null, the seed the run seeded torch with
+    (``pipeline.train`` calls ``seed_everything(cfg.seed)`` before it builds the loss)."""
+    if seed is None:
+        return torch.initial_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"loss.seed must be an integer >= 0 or null (the run's seed), got {seed!r}.")
+    return seed
+
+
 def effective_weights(grads: Tensor, update: Tensor) -> Tensor:
     """The w with ``Gᵀw`` closest to ``update`` (least squares through the T×T Gramian).
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.loss.base import LossWeighting
+from mtl_experiments.loss.base import LossWeighting, run_seed
 
 SCALES = ("sum_to_one", "num_tasks")
 
@@ -34,12 +34,8 @@ class RLW(LossWeighting):
         super().__init__()
         if scale not in SCALES:
             raise ConfigError(f"loss.scale must be one of {list(SCALES)}, got {scale!r}.")
-        if seed is None:
-            seed = torch.initial_seed()
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"loss.seed must be an integer >= 0 or null (the run's seed), got {seed!r}.")
-        self.scale, self.seed = scale, seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self.scale, self.seed = scale, run_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         num_tasks = losses.shape[0]

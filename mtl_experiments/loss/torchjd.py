@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import Aggregator, WeightedAggregator
 
+from mtl_experiments.errors import ConfigError
 from mtl_experiments.loss.base import GradientAggregation, effective_weights
 
 
@@ -30,10 +31,25 @@ class TorchJD(GradientAggregation):
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def setup(self, tasks, model=None) -> None:
+        super().setup(tasks, model)
+        # TorchJD checks some options only when called: try it once now, so a bad value stops the run
+        # at start-up with the key named, not at the first training step
+        try:
+            self.aggregate(torch.eye(self.num_tasks, dtype=torch.float64))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"loss.aggregator ({type(self.aggregator).__name__}): {e}") from e
+        self._generator.manual_seed(self.seed)  # the trial draw must not shift the run's sequence
+
     def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
         devices = [grads.device] if grads.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
+            # seed only what fork_rng restores (torch.manual_seed would also reseed other devices for good)
+            torch.random.default_generator.manual_seed(seed)
+            for device in devices:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
             if isinstance(self.aggregator, WeightedAggregator):
                 weights = self.aggregator.weighting(grads)
                 return weights @ grads, weights

@@ -1,0 +1,103 @@
+"""CAGrad: Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021.
+
+With the task gradients g_t and their average g_0 = (1/T) Σ_t g_t, CAGrad takes the update d that
+maximises the worst task's first-order improvement inside a ball around g_0:
+
+    max_d min_t g_tᵀd   s.t.  ‖d − g_0‖ ≤ c‖g_0‖.
+
+Its dual (Algorithm 1) is T-dimensional, with g_w = Σ_t w_t g_t:
+
+    w* = argmin_{w ∈ simplex} g_wᵀg_0 + c‖g_0‖·‖g_w‖,      d = g_0 + (c‖g_0‖ / ‖g_w*‖)·g_w*.
+
+Everything is computed on the T×T Gramian A = G Gᵀ (g_wᵀg_0 = wᵀA1/T, ‖g_w‖² = wᵀAw, ‖g_0‖² = 1ᵀA1/T²)
+and the dual is solved with SLSQP, as in the authors' code (here with the analytic gradient and a
+tight tolerance). Variant choices:
+
+- ``rescale`` follows the authors' code: 0 = d as in Algorithm 1; 1 = d/(1+c²) (what every experiment
+  script of the authors runs, hence the default); 2 = d/(1+c).
+- The update is multiplied by T so that it is on the scale of Σ_t L_t, like every other parameter's
+  gradient in our step (the authors do the same: ``newgrad * 3  # to match the sum loss``). With
+  c = 0 CAGrad is then exactly ``equal`` weighting (weights 1).
+- ``c`` = 0.4 is the value of the authors' NYU-v2 and Cityscapes runs (and Nash-MTL's CAGrad default).
+  The paper's convergence result to a stationary point of the average loss needs 0 ≤ c < 1; larger c
+  moves towards MGDA.
+- If g_w* vanishes (a task with a zero gradient, or 0 in the convex hull of the gradients with c ≥ 1) the
+  correction's direction is undefined and d = g_0 (TorchJD returns 0 there). All gradients zero: d = 0.
+
+The weights reported are exact: update = Σ_t w_t g_t with w = T·(1/T + (c‖g_0‖/‖g_w*‖)·w*)/rescale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from mtl_experiments.errors import ConfigError
+from mtl_experiments.loss.base import GradientAggregation
+
+RESCALE = (0, 1, 2)
+
+
+def cagrad_dual(gram: np.ndarray, c: float) -> np.ndarray:
+    """The dual solution w* on the simplex for the Gramian ``gram`` (float64, T×T)."""
+    T = gram.shape[0]
+    b = gram.mean(axis=1)  # A·1/T: b_t = g_tᵀg_0
+    k = c * math.sqrt(max(float(gram.mean()), 0.0))  # c‖g_0‖
+    tiny = 1e-20 * max(float(np.trace(gram)), 1e-300)  # keeps sqrt differentiable where g_w = 0
+
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        aw = gram @ w
+        gw_norm = math.sqrt(max(float(w @ aw), 0.0) + tiny)
+        return float(w @ b) + k * gw_norm, b + k * aw / gw_norm
+
+    res = minimize(
+        objective,
+        np.full(T, 1.0 / T),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * T,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+        options={"ftol": 1e-14, "maxiter": 200},
+    )
+    w = np.clip(res.x, 0.0, None)  # SLSQP may overshoot the bounds by rounding
+    return w / w.sum()
+
+
+class CAGrad(GradientAggregation):
+    """``update = T·(g_0 + (c‖g_0‖/‖g_w*‖)·g_w*)/rescale`` (see the module docstring)."""
+
+    def __init__(self, c: float = 0.4, rescale: int = 1, grad_source: str = "params"):
+        super().__init__(grad_source=grad_source)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ConfigError(f"loss.c must be a finite number >= 0 (the paper uses c in [0, 1)), got {c!r}.")
+        if rescale not in RESCALE or isinstance(rescale, bool):
+            raise ConfigError(
+                f"loss.rescale must be one of {list(RESCALE)} (0: none, 1: divide by 1+c², 2: divide by 1+c), "
+                f"got {rescale!r}."
+            )
+        self.c, self.rescale = float(c), int(rescale)
+
+    def _scale(self) -> float:
+        return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+
+    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        T = grads.shape[0]
+        gram = (grads @ grads.T).detach().double().cpu()
+        mean_sq_norm = float(gram.diagonal().mean())
+        if mean_sq_norm <= 0:  # every task gradient is zero: nothing to move
+            return torch.zeros_like(grads[0]), torch.ones(T, dtype=grads.dtype, device=grads.device)
+        gram = gram / mean_sq_norm  # scale-free solve; w* does not depend on the scale of G
+        w = cagrad_dual(gram.numpy(), self.c)
+        g0_norm = math.sqrt(max(float(gram.mean()), 0.0))
+        gw_norm = math.sqrt(max(float(w @ gram.numpy() @ w), 0.0))
+        weights = np.full(T, 1.0 / T)
+        # when g_w* vanishes (a task with a zero gradient; 0 in the hull with c >= 1) the correction's direction
+        # is undefined: keep d = g_0
+        if self.c > 0 and gw_norm > 1e-9 * g0_norm:
+            weights = weights + (self.c * g0_norm / gw_norm) * w
+        weights_t = torch.as_tensor(T * weights / self._scale(), dtype=grads.dtype, device=grads.device)
+        return weights_t @ grads, weights_t

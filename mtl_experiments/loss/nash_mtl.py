@@ -1,0 +1,113 @@
+"""Nash-MTL: Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
+Bargaining Game", ICML 2022.
+
+The update is the Nash bargaining solution d = Σ_t α_t g_t, where α > 0 solves (the paper's
+characterisation of the solution, used by its Algorithm 1)
+
+    (G Gᵀ) α = 1/α      (element-wise: α_t · g_tᵀd = 1 for every task t).
+
+How we solve it: these are exactly the stationarity conditions of the strictly convex function
+F(α) = ½ αᵀ(GGᵀ)α − Σ_t log α_t on α > 0, which is self-concordant (a quadratic plus a log barrier); we
+minimise it (in the rescaled form below) with damped Newton steps (step 1/(1+λ), λ the Newton
+decrement, full steps once λ < 1/4), which stay inside α > 0 and converge quadratically, to
+|α_t·(GGᵀα)_t − 1| < 1e-10. The authors instead
+run up to 20 rounds of a convex approximation solved with cvxpy/ECOS, stopping at a residual of 1e-3;
+both target the same equations, ours to machine precision and without the cvxpy dependency.
+
+Numerics: with α_t = γ_t/‖g_t‖ the equations become γ ⊙ (Cγ) = 1 on the cosine matrix C of the
+gradients, which is scale-free (the authors divide the Gramian by its norm for the same reason), so
+tasks whose gradient norms differ by orders of magnitude are solved equally well. A ridge of 1e-10 is
+added to C so that a solution always exists: without it the equations have no positive solution when
+0 lies in the convex hull of the gradients (a Pareto-stationary point), which the paper excludes by
+assumption; elsewhere it changes the solution by ~1e-10 relative. A task whose gradient is exactly
+zero cannot satisfy α_t·0 = 1 and has no influence on the update; it gets α_t = 0.
+
+Options as in the authors' code: ``update_weights_every`` (α is recomputed every that many steps and
+reused in between; default 1) and ``max_norm`` (if ‖Σ_t α_t g_t‖ exceeds it, α is scaled down so it
+does not; the authors clip the shared parameters' gradient norm to 1.0 by default; 0 disables). With
+``grad_source=representation`` both α and the norm cap are computed on the representation gradients.
+The step counter and the last α are buffers, so a resumed run continues the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from mtl_experiments.errors import ConfigError
+from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.tasks import Task
+
+RIDGE = 1e-10
+TOL = 1e-10
+MAX_ITER = 100
+
+
+def nash_weights(gram: Tensor) -> Tensor:
+    """α ≥ 0 with ``(gram @ α)_t = 1/α_t`` for every task with a non-zero gradient (float64).
+
+    Substituting α_t = γ_t/‖g_t‖ turns the equations into γ ⊙ (Cγ) = 1 on the cosine matrix C (unit
+    diagonal), so tasks whose gradient norms differ by orders of magnitude are solved equally well.
+    A task with a zero gradient has no solution (α_t·0 = 1) and no influence on the update: α_t = 0.
+    """
+    gram = gram.double()
+    sq_norms = gram.diagonal()
+    live = torch.isfinite(sq_norms) & (sq_norms > 0)
+    alpha = torch.zeros_like(sq_norms)
+    if not bool(live.any()):
+        return alpha
+    norms = sq_norms[live].sqrt()
+    n = norms.shape[0]
+    cos = gram[live][:, live] / torch.outer(norms, norms)
+    cos = cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device)
+    gamma = torch.ones(n, dtype=torch.float64, device=gram.device)  # exact for orthogonal gradients
+    for _ in range(MAX_ITER):
+        c_gamma = cos @ gamma
+        if (gamma * c_gamma - 1).abs().max() < TOL:
+            break
+        grad = c_gamma - 1 / gamma
+        step = torch.linalg.solve(cos + torch.diag(gamma.pow(-2)), grad)
+        decrement = math.sqrt(abs(float(grad @ step)))
+        if decrement < 1e-12:  # converged to rounding
+            break
+        t = 1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)
+        while bool((gamma - t * step <= 0).any()):  # never needed in exact arithmetic (Dikin ellipsoid)
+            t /= 2
+        gamma = gamma - t * step
+    alpha[live] = gamma / norms
+    return alpha
+
+
+class NashMTL(GradientAggregation):
+    """``update = Σ_t α_t g_t`` with ``GGᵀα = 1/α`` (see the module docstring)."""
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, grad_source: str = "params"):
+        super().__init__(grad_source=grad_source)
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+            raise ConfigError(f"loss.max_norm must be a number >= 0 (0 disables the cap), got {max_norm!r}.")
+        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int):
+            raise ConfigError(f"loss.update_weights_every must be an integer >= 1, got {update_weights_every!r}.")
+        if update_weights_every < 1:
+            raise ConfigError(f"loss.update_weights_every must be an integer >= 1, got {update_weights_every!r}.")
+        self.max_norm, self.update_weights_every = float(max_norm), update_weights_every
+
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
+        # buffers, not parameters: saved in checkpoints, never touched by the optimizer
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
+
+    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        if int(self.step) % self.update_weights_every == 0:
+            self.alpha.copy_(nash_weights((grads @ grads.T).detach()).to(self.alpha.device))
+        self.step += 1
+        alpha = self.alpha.to(device=grads.device, dtype=grads.dtype)
+        update = alpha @ grads
+        if self.max_norm > 0:
+            norm = float(update.norm())
+            if math.isfinite(norm) and norm > self.max_norm:
+                alpha, update = alpha * (self.max_norm / norm), update * (self.max_norm / norm)
+        return update, alpha
