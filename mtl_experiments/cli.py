@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mtl_experiments.errors import MTLError
@@ -27,6 +29,8 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg)
     except MTLError as e:  # our errors already say what is wrong and how to fix it: no traceback
         print(f"Error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job FAILED, runs the rest of the sweep, and fails at the end
         sys.exit(2)
 
 

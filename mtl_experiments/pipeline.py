@@ -94,6 +94,7 @@ def _build_loggers(cfg: DictConfig, choices: dict[str, str], overrides: list[str
             tracking.ensure_experiment(uri, factory.keywords.get("experiment_name") or cfg.experiment_name)
             tags = {
                 **tracking.run_tags(choices, overrides, loss=cfg.get("loss")),
+                **tracking.sweep_tags(),  # a job of a multirun: the child of the sweep's parent run
                 **(factory.keywords.get("tags") or {}),
             }
             run_name = factory.keywords.get("run_name") or "-".join(

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from mtl_experiments.errors import TrackingError
 
 DEFAULT_DB = "mlflow.db"
+PARENT_RUN_ENV = "MTL_PARENT_RUN_ID"  # the sweep's parent run id, set by sweep.MLflowSweepCallback for its jobs
+ROLE_TAG, SWEEP_PARENT = "mtl.role", "sweep_parent"
 _FIX = (
     "Set MLFLOW_TRACKING_URI or logger.mlflow.tracking_uri to a reachable store, or unset both to use "
     "the local SQLite store sqlite:///<launch dir>/mlflow.db."
@@ -38,18 +40,55 @@ def launch_dir() -> Path:
     return Path.cwd()
 
 
-def resolve_tracking_uri(configured: str | None) -> str:
+def resolve_tracking_uri(configured: str | None, launch: Path | None = None) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI`` (read now, at run time), else the launch dir's SQLite file.
 
     Always explicit: Lightning's own fallback is the ``./mlruns`` file store, which would scatter runs
-    across Hydra's output directories (and which MLflow 3 deprecates).
+    across Hydra's output directories (and which MLflow 3 deprecates). ``launch`` overrides the launch
+    directory (the sweep callback runs before Hydra's runtime config of a job is set).
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{launch_dir() / DEFAULT_DB}"
+    launch = launch or launch_dir()
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{launch / DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///") :])
         if not path.is_absolute():  # relative SQLite paths would follow the process's cwd
-            uri = f"sqlite:///{(launch_dir() / path).resolve()}"
+            uri = f"sqlite:///{(launch / path).resolve()}"
     return uri
+
+
+def mlflow_logger_node(cfg: DictConfig) -> DictConfig | None:
+    """The ``logger.<name>`` node that builds an ``MLFlowLogger`` (or a subclass), if any."""
+    from hydra.utils import get_class
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for node in (cfg.get("logger") or {}).values():
+        target = OmegaConf.select(node, "_target_") if isinstance(node, DictConfig) else None
+        if not target:
+            continue
+        try:
+            cls = get_class(target)
+        except Exception:  # noqa: BLE001 - a bad target is reported by the run that instantiates it
+            continue
+        if isinstance(cls, type) and issubclass(cls, MLFlowLogger):
+            return node
+    return None
+
+
+def sweep_tags() -> dict[str, str]:
+    """``mlflow.parentRunId`` and ``mtl.sweep_id`` for a job of a multirun whose parent run exists
+    (``$MTL_PARENT_RUN_ID``); nothing for a single run, even if the variable leaked into its process."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return {}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return {}
+    except (ImportError, ValueError):
+        return {}
+    return {"mlflow.parentRunId": parent, "mtl.sweep_id": parent}
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
