@@ -1,0 +1,311 @@
+"""Run comparison (mtl_experiments/compare.py, scripts/compare_runs.py): Δm on hand-computed numbers,
+grouping and mean ± std on runs written straight into a real (temporary) MLflow store, the CLI end to
+end, and a run trained against a real `mlflow server` read back over HTTP."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from mtl_experiments import compare
+from mtl_experiments.pipeline import train
+from tests.conftest import ROOT
+
+EXPERIMENT = "cmp"
+TEST_KEYS = ("y1/auroc", "y1/logloss", "y2/auroc", "y2/logloss")
+
+
+def log_run(
+    client: MlflowClient,
+    exp_id: str,
+    backbone: str,
+    loss: str,
+    seed: int,
+    values: tuple[float, ...] = (),
+    *,
+    correlation: float = 0.5,
+    status: str = "FINISHED",
+    parent: str | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    history: dict[str, list[float]] | None = None,
+) -> str:
+    """One run as ``pipeline.train`` logs it (choice tags, flattened params, test metrics), written directly."""
+    tags = {"data": "synthetic", "backbone": backbone, "loss": loss, "optimizer": "adam", "overrides": f"seed={seed}"}
+    if parent:
+        tags.update({"mlflow.parentRunId": parent, "mtl.sweep_id": parent})
+    run = client.create_run(exp_id, tags=tags, run_name=f"{backbone}-{loss}-seed{seed}")
+    run_id = run.info.run_id
+    params = {
+        "data._target_": "mtl_experiments.data.synthetic.SyntheticDataModule",
+        "data.correlation": correlation,
+        "data.seed": 0,
+        "data.shuffle_seed": seed,
+        "data.tasks.y1.kind": "binary",
+        "data.tasks.y2.kind": "binary",
+        "backbone._target_": f"mtl_experiments.backbone.{backbone}.X",
+        "loss._target_": f"mtl_experiments.loss.{loss}.X",
+        "optimizer.lr": 0.001,
+        "experiment_name": EXPERIMENT,
+        "optimized_metric": "val/mean_auroc",
+        "seed": seed,
+        "paths.output_dir": f"/tmp/outputs/{run_id}",  # per run, not configuration
+        "callbacks.model_checkpoint.dirpath": f"/tmp/outputs/{run_id}/checkpoints",
+    }
+    if backbone == "shared_bottom":
+        params["backbone.bottom_dims"] = "[16]"
+    if loss == "rlw":
+        params["loss.seed"] = seed  # follows the seed
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"test/{k}", v, now, 0) for k, v in zip(TEST_KEYS, values, strict=True)]
+    metrics += [Metric(k, v, now, 0) for k, v in (extra_metrics or {}).items()]
+    metrics += [Metric(k, v, now, step) for k, series in (history or {}).items() for step, v in enumerate(series)]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def make_store(tmp_path: Path, with_single_task: bool = True) -> dict:
+    """A sweep of shared_bottom × {equal, rlw} × seeds {0, 1} (+ a FAILED seed 2), single-task runs of the
+    same data (equal × 2 seeds, rlw × 1) and a single-task run of other data (correlation 0.9)."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp_id, tags={"mtl.role": "sweep_parent"}, run_name="sweep-x").info.run_id
+    ids: dict[str, list[str]] = {}
+
+    def add(name, *args, **kwargs):
+        ids.setdefault(name, []).append(log_run(client, exp_id, *args, parent=parent, **kwargs))
+
+    def conflict(cos, rate):
+        return {
+            "conflict/mean/cosine/y1-y2": cos,
+            "conflict/mean/rate/y1-y2": rate,
+            "conflict/mean/magnitude/y1-y2": 0.9,
+        }
+
+    def curves(seed):
+        return {
+            "train/weight/y1": [1.0, 0.9 + 0.01 * seed, 0.8],
+            "train/weight/y2": [1.0, 1.1, 1.2 - 0.01 * seed],
+            "train/conflict/cosine/y1-y2": [0.3, 0.1, -0.1 + 0.05 * seed],
+        }
+
+    # y1/auroc, y1/logloss, y2/auroc, y2/logloss
+    add(
+        "mtl_equal",
+        "shared_bottom",
+        "equal",
+        0,
+        (0.84, 0.45, 0.70, 0.60),
+        extra_metrics=conflict(0.2, 0.1),
+        history=curves(0),
+    )
+    add(
+        "mtl_equal",
+        "shared_bottom",
+        "equal",
+        1,
+        (0.86, 0.45, 0.70, 0.66),
+        extra_metrics=conflict(0.4, 0.3),
+        history=curves(1),
+    )
+    add("failed", "shared_bottom", "equal", 2, (0.10, 9.0, 0.10, 9.0), status="FAILED")
+    add(
+        "mtl_rlw",
+        "shared_bottom",
+        "rlw",
+        0,
+        (0.80, 0.50, 0.77, 0.54),
+        extra_metrics=conflict(-0.1, 0.6),
+        history=curves(0),
+    )
+    add(
+        "mtl_rlw",
+        "shared_bottom",
+        "rlw",
+        1,
+        (0.80, 0.50, 0.77, 0.54),
+        extra_metrics=conflict(0.1, 0.4),
+        history=curves(1),
+    )
+    if with_single_task:
+        add("stl_equal", "single_task", "equal", 0, (0.79, 0.49, 0.69, 0.59))
+        add("stl_equal", "single_task", "equal", 1, (0.81, 0.51, 0.71, 0.61))
+        add("stl_rlw", "single_task", "rlw", 0, (0.50, 0.90, 0.50, 0.90))  # loss=equal is preferred as baseline
+        add("other_data", "single_task", "equal", 0, (0.60, 0.70, 0.60, 0.70), correlation=0.9)
+    return {"uri": uri, "client": client, "parent": parent, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Shared by the tests that only read it (creating a SQLite store costs about a second)."""
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+def row_of(c: compare.Comparison, run_id: str) -> pd.Series:
+    (index,) = [i for i, g in enumerate(c.groups) if run_id in {r.run_id for r in g.runs}]
+    return c.table.iloc[index]
+
+
+# ----------------------------------------------------------------------------------------------- Δm
+
+
+def test_delta_m_on_hand_computed_numbers():
+    # auroc 0.80 -> 0.84 is +5 %, log loss 0.50 -> 0.45 is a 10 % improvement: Δm = (5 + 10) / 2 = +7.5
+    dirs = {"y1/auroc": True, "y2/logloss": False}
+    model = {"y1/auroc": 0.84, "y2/logloss": 0.45}
+    base = {"y1/auroc": 0.80, "y2/logloss": 0.50}
+    assert compare.delta_m(model, base, dirs) == pytest.approx(7.5)
+    assert compare.delta_m(base, model, dirs) == pytest.approx(100 / 2 * (-0.04 / 0.84 - 0.05 / 0.45))  # worse on both
+    assert compare.delta_m(base, base, dirs) == 0
+    # lower-is-better worse: negative; only the keys of higher_is_better count (K = 1 here)
+    assert compare.delta_m({"a/mse": 1.2, "b/x": 5}, {"a/mse": 1.0, "b/x": 1}, {"a/mse": False}) == pytest.approx(-20)
+    assert math.isnan(compare.delta_m({"a/mse": 1.0}, {"a/mse": 0.0}, {"a/mse": False}))
+
+
+def test_directions_come_from_the_task_kinds_metrics():
+    dirs = compare.metric_directions()
+    assert dirs["auroc"] is True and dirs["accuracy"] is True
+    assert dirs["logloss"] is False and dirs["mse"] is False and dirs["mae"] is False
+    assert compare.direction({"data.tasks.t.kind": "regression"}, "t/mse") is False
+
+
+def test_pareto_front_respects_directions():
+    points = [(0.8, 0.7), (0.85, 0.6), (0.7, 0.65), (0.8, 0.7), (math.nan, 1.0)]
+    assert compare.pareto_front(points, (True, True)) == [True, True, False, True, False]
+    # y lower is better: (0.85, 0.6) dominates everything but the ties at x
+    assert compare.pareto_front(points, (True, False)) == [False, True, False, False, False]
+
+
+# ------------------------------------------------------------------------------------ grouping, table
+
+
+def test_groups_mean_std_and_delta_m_against_the_single_task_runs_of_the_same_data(store):
+    selection = compare.load_runs(store["uri"], experiment=EXPERIMENT)
+    ids = store["ids"]
+    assert selection.skipped == {
+        "status FAILED": ids["failed"],
+        "sweep parent run (holds no results)": [store["parent"]],
+    }
+    c = compare.compare(selection)
+    assert len(c.groups) == 5  # per-run paths, seed and loss.seed do not split groups
+    assert c.metric_keys == list(TEST_KEYS)
+    assert compare.default_pareto_metrics(c) == ("y1/auroc", "y2/auroc")
+    assert c.choice_columns == ["data", "backbone", "loss"]
+    assert c.param_columns == ["data.correlation"]  # backbone.*/loss.* differences are explained by the choices
+
+    mtl = row_of(c, ids["mtl_equal"][0])
+    assert mtl["n"] == 2 and mtl["seeds"] == "0,1"
+    assert mtl["test/y1/auroc_mean"] == pytest.approx(0.85)
+    assert mtl["test/y1/auroc_std"] == pytest.approx(math.sqrt(2 * 0.01**2))  # ddof=1
+    assert mtl["test/y1/logloss_std"] == pytest.approx(0.0)
+    assert mtl["test/y2/logloss_mean"] == pytest.approx(0.63)
+    # baseline = mean of the two single_task/equal runs: 0.80, 0.50, 0.70, 0.60
+    # seed 0: (+5 + 10 + 0 + 0) / 4 = 3.75;  seed 1: (+7.5 + 10 + 0 - 10) / 4 = 1.875
+    assert mtl["delta_m_pct_mean"] == pytest.approx((3.75 + 1.875) / 2)
+    assert mtl["delta_m_pct_std"] == pytest.approx((3.75 - 1.875) / math.sqrt(2))
+    stl_label = row_of(c, ids["stl_equal"][0])["group"]
+    assert mtl["delta_m_baseline"] == f"vs {stl_label} (n=2)"
+    assert mtl["conflict/mean/cosine/y1-y2_mean"] == pytest.approx(0.3)
+    assert mtl["conflict/mean/rate/y1-y2_mean"] == pytest.approx(0.2)
+
+    rlw = row_of(c, ids["mtl_rlw"][0])
+    # (0 + 0 + 10 + 10) / 4 = +5 for both seeds
+    assert rlw["delta_m_pct_mean"] == pytest.approx(5.0) and rlw["delta_m_pct_std"] == pytest.approx(0.0)
+    assert row_of(c, ids["stl_equal"][0])["delta_m_pct_mean"] == pytest.approx(0.0)
+    assert row_of(c, ids["stl_equal"][0])["delta_m_baseline"] == "baseline itself"
+    assert row_of(c, ids["stl_rlw"][0])["delta_m_baseline"] == f"vs {stl_label} (n=2)"
+    # the run of other data is its own baseline, never the baseline of the 0.5-correlation groups
+    other = row_of(c, ids["other_data"][0])
+    assert other["data.correlation"] == "0.9" and other["delta_m_baseline"] == "baseline itself"
+
+    md = compare.to_markdown(c)
+    assert "**Positive Δm% = better than single-task**" in md
+    assert "| 0.8500 ± 0.0141 |" in md and "| +2.81 ± 1.33 |" in md
+    assert "skipped 2: 1 status FAILED" in md
+    assert "| 0.300 ± 0.141 |" in md  # mean conflict cosine of the equal group
+
+    # Δm over a metric subset: auroc only -> seed 0: (5 + 0) / 2, seed 1: (7.5 + 0) / 2
+    sub = row_of(compare.compare(selection, metrics=["auroc"]), ids["mtl_equal"][0])
+    assert sub["delta_m_pct_mean"] == pytest.approx(3.125) and sub["delta_m_metrics"] == "y1/auroc,y2/auroc"
+
+
+def test_no_single_task_baseline_is_reported_not_invented(tmp_path):
+    s = make_store(tmp_path, with_single_task=False)
+    c = compare.compare(compare.load_runs(s["uri"], parent=s["parent"]))
+    assert set(c.table["delta_m_baseline"]) == {compare.NO_BASELINE}
+    assert c.table["delta_m_pct_mean"].isna().all()
+    md = compare.to_markdown(c)
+    assert md.count("| n/a: no single_task runs of this data |") == 2
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_writes_markdown_csv_and_pareto_plot(store, tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), "--tracking-uri", store["uri"]]
+    proc = subprocess.run(
+        [*cmd, "--experiment", EXPERIMENT, "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| synthetic | shared_bottom | equal | 0.5 | 2 | 0,1 |" in proc.stdout
+    assert {p.name for p in out.iterdir()} == set(compare.OUTPUT_FILES)
+    assert (out / "comparison.md").read_text().strip() == proc.stdout.strip()
+    assert len(pd.read_csv(out / "comparison.csv")) == 5
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_latest_sweep_logs_the_files_to_the_parent(store, tmp_path, capsys):
+    rc = compare.main(
+        ["--tracking-uri", store["uri"], "--latest-sweep", "--pareto", "y1/logloss,y2/auroc", "--log-to-parent"]
+    )
+    assert rc == 0
+    arts = {a.path for a in store["client"].list_artifacts(store["parent"], "comparison")}
+    assert arts == {f"comparison/{f}" for f in compare.OUTPUT_FILES}
+    assert f"parent run `{store['parent']}`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--experiment", "nope"], "No experiment 'nope'"),
+        (["--tag", "loss=famo"], "No FINISHED runs"),
+        (["--pareto", "y1/auroc,y3/auroc"], "--pareto takes two of"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_code_2(store, capsys, args, message):
+    assert compare.main(["--tracking-uri", store["uri"], *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_store_is_not_created(tmp_path, capsys):
+    assert compare.main(["--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "No MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+
+# -------------------------------------------------------------------------------- real tracking server
+
+
+def test_train_against_a_real_server_and_compare_over_http(mlflow_server, make_cfg, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=1"))
+    capsys.readouterr()
+    assert compare.main(["--experiment", "mtl-experiments", "--out", str(tmp_path / "cmp")]) == 0  # URI from env
+    out = capsys.readouterr().out
+    assert f"store `{mlflow_server}`" in out
+    assert "1 FINISHED run(s) in 1 group(s)" in out
+    assert "| synthetic | shared_bottom | equal | 1 | 0 |" in out
+    assert "| y1/auroc ↑ | y1/accuracy ↑ | y1/logloss ↓ | y2/auroc ↑ |" in out  # model-selection metric first
+    assert compare.NO_BASELINE in out
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert 0.5 < table.loc[0, "test/y1/auroc_mean"] <= 1.0
