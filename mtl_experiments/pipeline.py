@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments import tracking
+from mtl_experiments import plots, tracking
 from mtl_experiments.errors import ConfigError, MTLError
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import metric_directions
@@ -164,6 +164,8 @@ def train(cfg: DictConfig) -> float | None:
             mlflow_logger.log_hyperparams(tracking.flatten(run_cfg))
             tracking.log_config_artifacts(mlflow_logger, run_cfg, overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if mlflow_logger is not None:
+            plots.log_run_artifacts(mlflow_logger, module)
         ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         best_path = ckpt.best_model_path if ckpt is not None else ""
         if not best_path:

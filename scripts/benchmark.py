@@ -30,12 +30,19 @@ With ``--methods`` it instead measures the training step time of every loss weig
 data, for each task count in ``--tasks`` (default 2 and 4; tasks beyond the config's are added as
 binary tasks ``y3``, ``y4``, ...), interleaved the same way.
 
+With ``--conflict`` it instead measures the cost of the task-conflict metrics: the Lightning path with
+``module.conflict`` as configured (every 50 steps by default; 50 if the config turns it off) against the
+same run with ``module.conflict.every_n_steps=0`` (and no affinity), interleaved the same way, and
+prints the overhead (median samples/s off / on − 1). Use ``loss=...`` to measure it under a method
+(a gradient method already computes the gradients the metrics reuse; ``equal`` is the worst case).
+
 Run (any Hydra override of ``train.py`` applies)::
 
     python scripts/benchmark.py
     python scripts/benchmark.py --epochs 5 --repeats 5 --json bench.json
     python scripts/benchmark.py backbone=single_task data.batch_size=512
     python scripts/benchmark.py --methods --tasks 2,4 --json methods.json
+    python scripts/benchmark.py --conflict --repeats 5
 """
 
 from __future__ import annotations
@@ -76,6 +83,9 @@ PLAIN = "plain"
 LIGHTNING = "lightning"
 LIGHTNING_NO_METRICS = "lightning_no_train_metrics"
 PLAIN_DATALOADER = "plain_dataloader"
+CONFLICT_ON = "conflict_on"
+CONFLICT_OFF = "conflict_off"
+CONFLICT_TARGET = 0.05
 
 
 # -- building, the way pipeline.train does ------------------------------------------------------------
@@ -178,11 +188,14 @@ class StepTimer(pl.Callback):
         self.steps += 1
 
 
-def lightning_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=()) -> float:
+def lightning_fit(
+    cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=(), log_every_n_steps: int = 50
+) -> float:
     module = build_module(cfg, datamodule)
     trainer = pl.Trainer(
         callbacks=list(callbacks),
         max_epochs=epochs,
+        log_every_n_steps=log_every_n_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -249,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--methods", action="store_true", help="step time of each loss method relative to equal")
     parser.add_argument("--methods-list", default=None, help="comma-separated methods (default: all conf/loss)")
     parser.add_argument("--tasks", default="2,4", help="task counts for --methods (default 2,4)")
+    parser.add_argument("--conflict", action="store_true", help="overhead of the task-conflict metrics (on vs off)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -321,6 +335,95 @@ def method_step_times(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def with_conflict(cfg: DictConfig, every_n_steps: int) -> DictConfig:
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.module.conflict = {**(cfg.module.get("conflict") or {}), "every_n_steps": every_n_steps}
+        if every_n_steps == 0:
+            cfg.module.conflict.affinity_every_n_steps = 0
+    return cfg
+
+
+def conflict_overhead(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The conflict metrics' cost, two ways, all contenders interleaved:
+
+    - whole fits with the metrics on (as configured, default every 50 steps) against off: the direct
+      answer, but a few % is within this machine's run-to-run noise;
+    - the cost of one measurement: ms per training step with the metrics measured (and logged) at every
+      step against never, both logging every step. Divided by ``every`` x the step time without metrics it
+      estimates the overhead at that cadence from many more measurements, so it is far less noisy.
+    """
+    cfg = compose_config(overrides)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    rows = _num_rows(datamodule.splits["train"])
+    every = (cfg.module.get("conflict") or {}).get("every_n_steps") or 50
+    on_cfg, off_cfg, each_cfg = with_conflict(cfg, every), with_conflict(cfg, 0), with_conflict(cfg, 1)
+
+    def step_ms(run_cfg: DictConfig, epochs: int) -> float:
+        timer = StepTimer()
+        lightning_fit(run_cfg, datamodule, epochs, callbacks=[timer], log_every_n_steps=1)
+        return 1e3 * timer.seconds / timer.steps
+
+    fits = {CONFLICT_ON: on_cfg, CONFLICT_OFF: off_cfg}
+    steps = {"measured_every_step": each_cfg, "never_measured": off_cfg}
+    for run_cfg in fits.values():  # warm-up, untimed
+        lightning_fit(run_cfg, datamodule, 1)
+    for run_cfg in steps.values():
+        step_ms(run_cfg, 1)
+    rates: dict[str, list[float]] = {name: [] for name in fits}
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, run_cfg in fits.items():
+            rates[name].append(args.epochs * rows / lightning_fit(run_cfg, datamodule, args.epochs))
+        for name, run_cfg in steps.items():
+            ms[name].append(step_ms(run_cfg, args.epochs))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ms_medians = {name: statistics.median(values) for name, values in ms.items()}
+    overhead = medians[CONFLICT_OFF] / medians[CONFLICT_ON] - 1
+    per_measurement_ms = ms_medians["measured_every_step"] - ms_medians["never_measured"]
+    estimate = per_measurement_ms / (every * 1e3 * datamodule.batch_size / medians[CONFLICT_OFF])
+
+    table = Table(
+        title=f"conflict metrics every {every} steps vs off: {rows} train rows, batch {datamodule.batch_size}, "
+        f"loss {cfg.loss._target_.rsplit('.', 1)[-1]}, {args.epochs} epoch(s) x {args.repeats} round(s)"
+    )
+    table.add_column("contender")
+    table.add_column("median", justify="right")
+    table.add_column("runs", justify="right")
+    for name, values in rates.items():
+        table.add_row(name, f"{medians[name]:,.0f} samples/s", " ".join(f"{v:,.0f}" for v in values))
+    for name, values in ms.items():
+        table.add_row(
+            f"{name} (log every step)", f"{ms_medians[name]:.2f} ms/step", " ".join(f"{v:.2f}" for v in values)
+        )
+    Console(width=120).print(table)
+    print(f"conflict metrics overhead (whole fits) = {overhead:+.1%} (median off / on - 1; target <= 5%)")
+    print(
+        f"one measurement costs {per_measurement_ms:+.2f} ms: estimated overhead every {every} steps = {estimate:+.1%}"
+    )
+    if args.json is not None:
+        result = {
+            "overrides": overrides,
+            "every_n_steps": every,
+            "train_rows": rows,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "num_threads": torch.get_num_threads(),
+            "samples_per_s": medians,
+            "runs_samples_per_s": rates,
+            "overhead": overhead,
+            "ms_per_step": ms_medians,
+            "runs_ms_per_step": ms,
+            "ms_per_measurement": per_measurement_ms,
+            "estimated_overhead": estimate,
+            "target_overhead": CONFLICT_TARGET,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -328,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     # "consider more workers" and similar hints are about the user's setup, not this measurement
     warnings.filterwarnings("ignore", module=r"lightning\.")
 
-    if args.methods:
+    if args.methods or args.conflict:
         try:
-            return method_step_times(args, overrides)
+            return method_step_times(args, overrides) if args.methods else conflict_overhead(args, overrides)
         except (MTLError, HydraException, OmegaConfBaseException) as e:
             print(f"Error: {e}", file=sys.stderr)
             return 2

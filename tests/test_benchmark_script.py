@@ -58,3 +58,20 @@ def test_methods_mode_reports_step_time_relative_to_equal(tmp_path):
     assert set(result["ratio_to_equal"]) == {"equal@T2", "fixed@T2", "equal@T3", "fixed@T3"}
     assert result["ratio_to_equal"]["equal@T2"] == 1.0
     assert all(ms > 0 for ms in result["ms_per_step"].values())
+
+
+def test_conflict_mode_reports_the_overhead_of_the_conflict_metrics(tmp_path):
+    out = tmp_path / "conflict.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--conflict", "--epochs", "1", "--repeats", "1", "--json", str(out)]
+        + ["data.num_samples=1000", "module.conflict.every_n_steps=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "conflict metrics overhead" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["samples_per_s"]) == {"conflict_on", "conflict_off"} and result["every_n_steps"] == 2
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
+    assert isinstance(result["overhead"], float) and isinstance(result["estimated_overhead"], float)

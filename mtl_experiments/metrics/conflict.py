@@ -1,0 +1,461 @@
+"""Task-conflict metrics (DESIGN.md §6): how the tasks' gradients on the shared model relate.
+
+From the per-task gradients ``G[T, P]`` (row t = ∂L_t/∂θ_shared, or ∂L_t/∂representation) of one
+training step, everything but the update cosines and the affinity follows from the T×T Gramian
+``K = G Gᵀ`` (‖g_i‖ = √K_ii, g_i·g_j = K_ij), so no P-sized work is done per pair:
+
+- pairwise cosine cos_ij = K_ij / (‖g_i‖‖g_j‖);
+- conflict rate: the share of measured steps with cos_ij < 0 (gradients conflict; Yu et al., "Gradient
+  Surgery for Multi-Task Learning", NeurIPS 2020, Def. 1);
+- gradient magnitude similarity Φ_ij = 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) (Yu et al. 2020, Def. 2):
+  1 for equal norms, → 0 when one dominates;
+- per-task gradient norms ‖g_t‖;
+- cos(u, ḡ) between the applied update u and the mean gradient ḡ = (1/T)Σ_t g_t, from G u and ‖u‖²
+  (ḡ·u = mean_t (G u)_t, ‖ḡ‖² = 1ᵀK1 / T²): how far the method moves the update away from plain averaging.
+  u is what the optimizer receives for the shared parameters (their ``.grad`` after the weighting's
+  backward and clipping, before Adam's or momentum's transformation); with ``source=representation``,
+  Σ_t w_t g_t with the weights the method applied;
+- min_t cos(g_t, u): the worst task's cosine with the update; < 0 means the step raises that task's
+  loss to first order;
+- lookahead inter-task affinity Z_{i→j} = 1 − L_j(θ_s − η∇_{θ_s}L_i) / L_j(θ_s) on the same batch
+  (Fifty et al., "Efficiently Identifying Task Groupings for Multi-Task Learning", NeurIPS 2021), optional;
+- for mixture backbones, per-task gate entropy and expert utilisation (see ``ConflictTracker.update_gates``).
+
+Zero gradients: a cosine with a zero vector is 0/0; it is **defined as 0** (neither aligned nor
+conflicting, so it never counts towards the conflict rate), and so is Φ_ij when both norms are 0.
+
+Each quantity is a torchmetrics ``Metric`` whose states are a float64 ``sum`` and a ``count`` of measured
+steps (mean over steps; DDP reduces both by summation). ``ConflictTracker`` bundles them for the module:
+per-step values to log, run-level and last-epoch means, and the small history the plots read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from mtl_experiments.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("params", "representation")
+DEFAULTS = {"every_n_steps": 50, "source": "params", "affinity_every_n_steps": 0}
+
+
+# -- configuration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConflictConfig:
+    """``module.conflict``: ``every_n_steps`` (0 = off), ``source`` (params | representation),
+    ``affinity_every_n_steps`` (0 = off). Steps are optimizer steps, counted from 1."""
+
+    every_n_steps: int = 0
+    source: str = "params"
+    affinity_every_n_steps: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0 or self.affinity_every_n_steps > 0
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping | None) -> ConflictConfig:
+        """Validated config; ``None`` turns everything off (the YAML default turns the metrics on)."""
+        if cfg is None:
+            return cls()
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"module.conflict must be a mapping with keys {sorted(DEFAULTS)}, got {cfg!r}.")
+        unknown = sorted(set(cfg) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"module.conflict.{unknown[0]} is not an option; valid keys: {sorted(DEFAULTS)}.")
+        values = {**DEFAULTS, **cfg}
+        for key in ("every_n_steps", "affinity_every_n_steps"):
+            v = values[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(
+                    f"module.conflict.{key} must be an integer >= 0 (0 turns it off; "
+                    f"default {DEFAULTS[key]}), got {v!r}."
+                )
+        if values["source"] not in SOURCES:
+            raise ConfigError(f"module.conflict.source must be one of {list(SOURCES)}, got {values['source']!r}.")
+        return cls(**values)
+
+
+# -- functions of the Gramian ------------------------------------------------------------------------
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den is 0 (the zero-gradient convention of this module)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def gramian(grads: Tensor) -> Tensor:
+    """``K = G Gᵀ`` (T×T) in float64; the P-sized product runs in G's dtype (float32 at least)."""
+    g = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
+    return (g @ g.T).double()
+
+
+def task_norms(gram: Tensor) -> Tensor:
+    return gram.diagonal().clamp_min(0).sqrt()
+
+
+def pairwise_cosine(gram: Tensor) -> Tensor:
+    n = task_norms(gram)
+    return _ratio(gram, n[:, None] * n[None, :]).clamp(-1.0, 1.0)
+
+
+def magnitude_similarity(gram: Tensor) -> Tensor:
+    n = task_norms(gram)
+    sq = n.square()
+    return _ratio(2 * n[:, None] * n[None, :], sq[:, None] + sq[None, :])
+
+
+def update_cosines(gram: Tensor, grads_dot_update: Tensor, update_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos(u, ḡ), [cos(g_t, u)]_t)`` from K, ``G u`` and ‖u‖² (no P-sized work beyond G u)."""
+    gu, un = grads_dot_update.double(), update_sq.double().clamp_min(0).sqrt()
+    per_task = _ratio(gu, task_norms(gram) * un).clamp(-1.0, 1.0)
+    t = gram.shape[0]
+    mean_norm = gram.sum().clamp_min(0).sqrt() / t  # ‖ḡ‖ = √(1ᵀK1) / T
+    return _ratio(gu.mean(), mean_norm * un).clamp(-1.0, 1.0), per_task
+
+
+# -- metrics: means over measured steps ---------------------------------------------------------------
+class _MeanOverSteps(Metric):
+    """Mean of a fixed-shape per-step value over the measured steps: states ``sum`` (float64), ``count``."""
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, shape: Sequence[int] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("sum", default=torch.zeros(tuple(shape), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, value: Tensor) -> None:
+        self.last = value  # this step's value, for logging (cheaper than forward(): no state copies)
+        self.sum += value.to(self.sum)
+        self.count += 1
+
+    def compute(self) -> Tensor:
+        return self.sum / self.count
+
+
+class PairwiseCosine(_MeanOverSteps):
+    """Mean over steps of cos(g_i, g_j) (T×T; 0 for a zero gradient). ``update(gram)``."""
+
+    def __init__(self, num_tasks: int, **kwargs):
+        super().__init__((num_tasks, num_tasks), **kwargs)
+
+    def update(self, gram: Tensor) -> None:
+        self._add(pairwise_cosine(gram))
+
+
+class ConflictRate(_MeanOverSteps):
+    """Share of measured steps with cos(g_i, g_j) < 0 (Yu et al. 2020). ``update(gram)``."""
+
+    def __init__(self, num_tasks: int, **kwargs):
+        super().__init__((num_tasks, num_tasks), **kwargs)
+
+    def update(self, gram: Tensor) -> None:
+        self._add((pairwise_cosine(gram) < 0).double())
+
+
+class MagnitudeSimilarity(_MeanOverSteps):
+    """Mean over steps of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) (Yu et al. 2020, Def. 2). ``update(gram)``."""
+
+    def __init__(self, num_tasks: int, **kwargs):
+        super().__init__((num_tasks, num_tasks), **kwargs)
+
+    def update(self, gram: Tensor) -> None:
+        self._add(magnitude_similarity(gram))
+
+
+class GradientNorm(_MeanOverSteps):
+    """Mean over steps of ‖g_t‖ per task. ``update(gram)``."""
+
+    def __init__(self, num_tasks: int, **kwargs):
+        super().__init__((num_tasks,), **kwargs)
+
+    def update(self, gram: Tensor) -> None:
+        self._add(task_norms(gram))
+
+
+class UpdateCosine(_MeanOverSteps):
+    """Mean over steps of cos(u, ḡ), u the applied update. ``update(gram, grads_dot_update, update_sq)``."""
+
+    def update(self, gram: Tensor, grads_dot_update: Tensor, update_sq: Tensor) -> None:
+        self._add(update_cosines(gram, grads_dot_update, update_sq)[0])
+
+
+class WorstUpdateCosine(_MeanOverSteps):
+    """Mean over steps of min_t cos(g_t, u). ``update(gram, grads_dot_update, update_sq)``."""
+
+    def update(self, gram: Tensor, grads_dot_update: Tensor, update_sq: Tensor) -> None:
+        self._add(update_cosines(gram, grads_dot_update, update_sq)[1].min())
+
+
+class TaskAffinity(_MeanOverSteps):
+    """Mean over steps of the lookahead affinity matrix ``Z[i, j] = Z_{i→j}`` (see ``lookahead_affinity``)."""
+
+    def __init__(self, num_tasks: int, **kwargs):
+        super().__init__((num_tasks, num_tasks), **kwargs)
+
+    def update(self, affinity: Tensor) -> None:
+        self._add(affinity)
+
+
+class GateEntropy(_MeanOverSteps):
+    """Mean over steps of the batch-mean entropy −Σ_e p_e ln p_e of one task's gate ``p[B, E]`` (nats;
+    ln E = uniform over the experts, 0 = one expert only)."""
+
+    def update(self, gates: Tensor) -> None:
+        self._add(torch.special.entr(gates.detach().double()).sum(-1).mean())
+
+
+class ExpertUtilisation(_MeanOverSteps):
+    """Mean over steps of the batch-mean gate probability of each expert, ``[E]`` (sums to 1)."""
+
+    def __init__(self, num_experts: int, **kwargs):
+        super().__init__((num_experts,), **kwargs)
+
+    def update(self, gates: Tensor) -> None:
+        self._add(gates.detach().double().mean(0))
+
+
+# -- lookahead affinity ------------------------------------------------------------------------------
+def lookahead_affinity(
+    model: nn.Module,
+    features,
+    labels,
+    losses_fn: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    shared: Sequence[nn.Parameter],
+    shared_grads: Tensor,
+    lr: float,
+) -> Tensor:
+    """``Z[i, j] = 1 − L_j(θ_s − lr·g_i, θ_rest) / L_j(θ_s, θ_rest)`` on this batch (Fifty et al. 2021).
+
+    A plain SGD step on the shared parameters only, as in the paper (the run's optimizer may differ:
+    the lookahead asks what task i's gradient does to task j, not what the optimizer would do), with
+    ``torch.func.functional_call`` so the model is not modified. The T + 1 forwards run without grad,
+    on copies of the buffers (batch-norm statistics stay untouched) and all with the same random draws
+    (the same dropout masks), inside ``fork_rng`` so the training RNG does not move. Z = 0 where
+    L_j(θ) = 0. Positive Z_{i→j}: a step on task i lowers task j's loss. Costs T + 1 forwards.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared_names = [names[id(p)] for p in shared]
+    devices = [p.device for p in shared if p.device.type == "cuda"][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def losses_at(overrides: dict[str, Tensor]) -> Tensor:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states, strict=True):
+                torch.cuda.set_rng_state(state, d)
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            outputs = torch.func.functional_call(model, {**buffers, **overrides}, (features,), strict=False)
+            return losses_fn(outputs, labels).double()
+
+        base = losses_at({})
+        rows = []
+        for i in range(shared_grads.shape[0]):
+            stepped, offset = {}, 0
+            for name, p in zip(shared_names, shared, strict=True):
+                n = p.numel()
+                stepped[name] = p - lr * shared_grads[i, offset : offset + n].view_as(p).to(p.dtype)
+                offset += n
+            rows.append(losses_at(stepped))
+    return 1.0 - _ratio(torch.stack(rows), base.expand(len(rows), -1))
+
+
+# -- gradients shared between the weighting and the metrics --------------------------------------
+def union_inputs(*groups: Sequence[Tensor] | None) -> list[Tensor]:
+    """The tensors of all groups, each once (by identity), in order of first appearance."""
+    seen, out = set(), []
+    for group in groups:
+        for t in group or ():
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def same_tensors(a: Sequence[Tensor] | None, b: Sequence[Tensor] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def select_columns(grads: Tensor, inputs: Sequence[Tensor], wanted: Sequence[Tensor]) -> Tensor:
+    """The columns of ``grads`` (taken w.r.t. ``inputs``, flattened and concatenated) that belong to
+    ``wanted``, in ``wanted``'s order: e.g. GradNorm's last-layer gradients out of the shared ones."""
+    if same_tensors(inputs, wanted):
+        return grads
+    offsets, offset = {}, 0
+    for t in inputs:
+        offsets[id(t)] = (offset, offset + t.numel())
+        offset += t.numel()
+    blocks = [grads[:, slice(*offsets[id(t)])] for t in wanted]
+    return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+# -- the tracker the module drives --------------------------------------------------------------------
+PAIRWISE = ("cosine", "magnitude", "rate")  # symmetric: pairs a-b with a before b in config order
+SCALARS = ("update_cosine", "worst_update_cosine")
+
+
+class ConflictTracker(nn.Module):
+    """All conflict metrics of one run, their per-step values, the last-epoch means and the history.
+
+    Key names (agreed across the project): ``train/conflict/{cosine,magnitude,rate}/<a>-<b>``,
+    ``train/grad_norm/<task>``, ``train/conflict/update_cosine``, ``train/conflict/worst_update_cosine``,
+    ``train/conflict/affinity/<i>-<j>`` (i ≠ j), ``train/gate/entropy/<task>``,
+    ``train/gate/utilisation/<task>/e<k>``. The run-level summaries are ``conflict/mean/<name>`` and
+    ``conflict/last_epoch/<name>`` with <name> the per-step key without ``train/`` and ``conflict/``.
+    The rate logged per step is the running share so far.
+    """
+
+    def __init__(self, task_names: Sequence[str], config: ConflictConfig):
+        super().__init__()
+        self.task_names, self.config = list(task_names), config
+        t = len(self.task_names)
+        self.pairs = list(combinations(range(t), 2))
+        self.metrics = nn.ModuleDict(
+            {
+                "cosine": PairwiseCosine(t),
+                "magnitude": MagnitudeSimilarity(t),
+                "rate": ConflictRate(t),
+                "grad_norm": GradientNorm(t),
+                "update_cosine": UpdateCosine(),
+                "worst_update_cosine": WorstUpdateCosine(),
+                "affinity": TaskAffinity(t),
+            }
+        )
+        # keyed by task index: ModuleDict keys may not shadow Module attributes (a task named "train")
+        self.gate_entropy = nn.ModuleDict({f"task{i}": GateEntropy() for i in range(t)})
+        self.expert_utilisation = nn.ModuleDict()  # created at the first gates seen (E is known then)
+        self._epoch_start: dict[str, tuple[Tensor, Tensor]] = {}
+        self.history: list[tuple[int, Tensor, Tensor]] = []  # (step, weights[T], grad norms[T]) per measured step
+
+    # -- when -------------------------------------------------------------------------------------
+    def measures(self, step: int) -> bool:
+        n = self.config.every_n_steps
+        return n > 0 and step % n == 0
+
+    def affinity_due(self, step: int) -> bool:
+        n = self.config.affinity_every_n_steps
+        return n > 0 and step % n == 0
+
+    def inputs(self, model) -> list[Tensor]:
+        """What the conflict gradients are taken with respect to (after this step's forward)."""
+        if self.config.source == "representation":
+            return [model.backbone.representation]
+        return list(model.shared_parameters())
+
+    # -- updates: each returns this step's values under their logged keys ------------------------
+    def update(self, grads: Tensor, update: Tensor, weights: Tensor, step: int) -> dict[str, Tensor]:
+        """One measured step: ``grads`` G[T, P] and the applied ``update`` u[P] over the same inputs."""
+        gram = gramian(grads)
+        g = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
+        u = update.to(g.dtype)
+        gu, uu = (g @ u).double(), (u @ u).double()
+        values = {}
+        for name in ("cosine", "magnitude", "grad_norm", "rate"):
+            self.metrics[name].update(gram)
+            values[name] = self.metrics[name].last
+        values["rate"] = self.metrics["rate"].compute()  # the running share of conflicting steps
+        for name in SCALARS:
+            self.metrics[name].update(gram, gu, uu)
+            values[name] = self.metrics[name].last
+        self.history.append((step, weights.detach().double().cpu(), values["grad_norm"].detach().cpu()))
+        return self._step_keys(values)
+
+    def update_affinity(self, affinity: Tensor) -> dict[str, Tensor]:
+        self.metrics["affinity"].update(affinity)
+        return self._step_keys({"affinity": self.metrics["affinity"].last})
+
+    def update_gates(self, gates: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Gate metrics for mixture backbones (the seam for MMoE / PLE).
+
+        A backbone that routes each task through a softmax gate over experts exposes, after each
+        forward, ``gate_weights``: ``{task: Tensor[B, E]}`` (rows sum to 1; for several gating levels,
+        the last one). Logged: ``train/gate/entropy/<task>`` and ``train/gate/utilisation/<task>/e<k>``.
+        """
+        out = {}
+        for i, name in enumerate(self.task_names):
+            if name not in gates:
+                continue
+            g = gates[name].detach()
+            key = f"task{i}"
+            if key not in self.expert_utilisation:
+                self.expert_utilisation[key] = ExpertUtilisation(g.shape[-1]).to(g.device)
+            self.gate_entropy[key].update(g)
+            self.expert_utilisation[key].update(g)
+            out[f"train/gate/entropy/{name}"] = self.gate_entropy[key].last
+            for k, v in enumerate(self.expert_utilisation[key].last):
+                out[f"train/gate/utilisation/{name}/e{k}"] = v
+        return out
+
+    # -- epochs and summaries ------------------------------------------------------------------------
+    def _all_metrics(self) -> dict[str, _MeanOverSteps]:
+        out = dict(self.metrics.items())
+        for i, name in enumerate(self.task_names):
+            out[f"gate/entropy/{name}"] = self.gate_entropy[f"task{i}"]
+            if f"task{i}" in self.expert_utilisation:
+                out[f"gate/utilisation/{name}"] = self.expert_utilisation[f"task{i}"]
+        return out
+
+    def start_epoch(self) -> None:
+        """Remember the sums so far: the last epoch's mean is a difference of sum/count states."""
+        self._epoch_start = {k: (m.sum.clone(), m.count.clone()) for k, m in self._all_metrics().items()}
+
+    def summaries(self) -> dict[str, float]:
+        """``conflict/mean/<name>`` (all measured steps) and ``conflict/last_epoch/<name>`` (the last epoch's)."""
+        out: dict[str, float] = {}
+        empty_last_epoch = False
+        for key, m in self._all_metrics().items():
+            if int(m.count) == 0:
+                continue
+            out.update({f"conflict/mean/{k}": float(v) for k, v in self._names(key, m.sum / m.count).items()})
+            s0, c0 = self._epoch_start.get(key, (torch.zeros_like(m.sum), torch.zeros_like(m.count)))
+            if int(m.count - c0) == 0:
+                empty_last_epoch = True
+                continue
+            last = (m.sum - s0.to(m.sum)) / (m.count - c0.to(m.count))
+            out.update({f"conflict/last_epoch/{k}": float(v) for k, v in self._names(key, last).items()})
+        if empty_last_epoch:
+            log.warning(
+                "Some conflict metrics were not measured in the last training epoch (it has fewer steps than "
+                "module.conflict.every_n_steps=%d or affinity_every_n_steps=%d): their conflict/last_epoch/* "
+                "values are not logged; lower those settings to get them.",
+                self.config.every_n_steps,
+                self.config.affinity_every_n_steps,
+            )
+        return out
+
+    def mean_cosine(self) -> Tensor | None:
+        m = self.metrics["cosine"]
+        return None if int(m.count) == 0 else (m.sum / m.count).cpu()
+
+    # -- names -------------------------------------------------------------------------------------
+    def _names(self, key: str, value: Tensor) -> dict[str, Tensor]:
+        """``{summary name: value}`` for one metric's value (its layout follows from ``key``)."""
+        names = self.task_names
+        if key in PAIRWISE:
+            return {f"{key}/{names[i]}-{names[j]}": value[i, j] for i, j in self.pairs}
+        if key == "affinity":
+            t = range(len(names))
+            return {f"affinity/{names[i]}-{names[j]}": value[i, j] for i in t for j in t if i != j}
+        if key == "grad_norm":
+            return {f"grad_norm/{n}": value[i] for i, n in enumerate(names)}
+        if key.startswith("gate/utilisation/"):
+            return {f"{key}/e{k}": v for k, v in enumerate(value)}
+        return {key: value}
+
+    def _step_keys(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for key, value in values.items():
+            for name, v in self._names(key, value).items():
+                out[f"train/{name}" if name.startswith("grad_norm/") else f"train/conflict/{name}"] = v
+        return out
