@@ -1,5 +1,5 @@
 """Every conf/loss/*.yaml trains for a few steps through the real pipeline, with 2 and 4 tasks and
-with both a sharing and a non-sharing backbone: finite losses, weights logged, parameters updated."""
+with a sharing, a non-sharing and a mixture-of-experts backbone: finite losses, weights logged, parameters updated."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ FOUR_TASKS = ["+data.tasks.y3={kind: regression}", "+data.tasks.y4={kind: binary
 @pytest.mark.parametrize("loss", options("loss"))
 @pytest.mark.parametrize(
     ("backbone", "extra"),
-    [("shared_bottom", []), ("shared_bottom", FOUR_TASKS), ("single_task", [])],
-    ids=["shared_bottom-2tasks", "shared_bottom-4tasks", "single_task-2tasks"],
+    [("shared_bottom", []), ("shared_bottom", FOUR_TASKS), ("single_task", []), ("mmoe", [])],
+    ids=["shared_bottom-2tasks", "shared_bottom-4tasks", "single_task-2tasks", "mmoe-2tasks"],
 )
 @pytest.mark.filterwarnings("ignore:.*shares none.*:UserWarning")
 def test_method_trains_and_logs(loss, backbone, extra, make_cfg, mlflow_runs, tracking_uri):

@@ -1,0 +1,84 @@
+"""Building blocks of mixture-of-experts backbones (OMoE / MMoE, CGC / PLE): a batch of expert MLPs and a gate.
+
+Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts", KDD 2018:
+expert ``f_e(x)`` (an MLP), gate ``g(x) = softmax(W_g x)`` over the E experts, mixture ``Σ_e g_e(x) f_e(x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtl_experiments.errors import ConfigError
+
+
+class Experts(nn.Module):
+    """E expert MLPs with the same layer sizes, evaluated together: ``x[B, D] -> Tensor[B, E, hidden_dims[-1]]``.
+
+    Each layer is ONE ``nn.Linear(in, E * out)`` whose weight, viewed as ``[E, out, in]``, holds every
+    expert's weight for that layer; expert ``e`` only reads its own block (the layer is applied
+    block-diagonally, not as a dense ``E*in -> E*out`` map), so the experts stay independent as in the
+    paper. Each layer is Linear -> activation -> dropout, like :func:`mtl_experiments.backbone.base.mlp`.
+
+    ``last_layer_path`` (relative to this module) names the final ``nn.Linear``: its weight spans all
+    experts, which makes it the natural "last shared layer" W for GradNorm (the last layer of expert 0
+    alone would see only that expert's share of the gradient).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_experts: int,
+        hidden_dims: Sequence[int],
+        dropout: float = 0.0,
+        activation: str = "ReLU",
+    ):
+        super().__init__()
+        if int(num_experts) < 1:
+            raise ConfigError(f"backbone.num_experts must be at least 1, got {num_experts}.")
+        if not hidden_dims or any(int(d) < 1 for d in hidden_dims):
+            raise ConfigError(f"backbone.expert_dims must be a non-empty list of positive sizes, got {hidden_dims}.")
+        check_common(dropout, activation)
+        self.num_experts = int(num_experts)
+        self.hidden_dims = [int(d) for d in hidden_dims]
+        self.output_dim = self.hidden_dims[-1]
+        dims = [in_dim, *self.hidden_dims]
+        pairs = zip(dims[:-1], dims[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, self.num_experts * b) for a, b in pairs)
+        self.act = getattr(nn, activation)()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.last_layer_path = f"layers.{len(self.layers) - 1}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        E = self.num_experts
+        first = self.layers[0]
+        h = first(x).view(x.shape[0], E, -1)  # every expert reads the same input: one dense matmul
+        h = self.dropout(self.act(h))
+        for layer in self.layers[1:]:
+            w = layer.weight.view(E, -1, layer.in_features)  # [E, out, in]
+            h = torch.einsum("bei,eoi->beo", h, w) + layer.bias.view(E, -1)
+            h = self.dropout(self.act(h))
+        return h
+
+
+def check_common(dropout: float, activation: str, tower_dims: Sequence[int] = ()) -> None:
+    """ConfigError naming ``backbone.<key>`` for a dropout outside [0, 1), an unknown activation or a bad tower size."""
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"backbone.dropout must be in [0, 1), got {dropout}.")
+    act = getattr(nn, str(activation), None)
+    if not (isinstance(act, type) and issubclass(act, nn.Module)):
+        raise ConfigError(f"backbone.activation must name a torch.nn activation class (e.g. ReLU), got {activation!r}.")
+    if any(int(d) < 1 for d in tower_dims):
+        raise ConfigError(f"backbone.tower_dims must hold positive sizes, got {list(tower_dims)}.")
+
+
+def gate(in_dim: int, num_experts: int) -> nn.Sequential:
+    """A softmax gate ``g(x) = softmax(W_g x + b)``: ``x[B, in_dim] -> Tensor[B, num_experts]``, rows sum to 1."""
+    return nn.Sequential(nn.Linear(in_dim, num_experts), nn.Softmax(dim=-1))
+
+
+def mix(gates: Tensor, experts: Tensor) -> Tensor:
+    """``Σ_e g[b, e] · experts[b, e, :]``: gates ``[B, E]``, experts ``[B, E, D]`` -> ``[B, D]``."""
+    return torch.einsum("be,bed->bd", gates, experts)
