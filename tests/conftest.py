@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
 import signal
 import socket
@@ -31,6 +33,57 @@ TINY = [
     "trainer.enable_model_summary=false",
     "~callbacks.progress_bar",
 ]
+
+
+# One real row of census-income.test (42 fields); census_row() varies the fields the tests look at.
+_CENSUS_LINE = (
+    "38, Private, 6, 36, 1st 2nd 3rd or 4th grade, 0, Not in universe, Married-civilian spouse present, "
+    "Manufacturing-durable goods, Machine operators assmblrs & inspctrs, White, Mexican (Mexicano), Female, "
+    "Not in universe, Not in universe, Full-time schedules, 0, 0, 0, Joint one under 65 & one 65+, Not in universe, "
+    "Not in universe, Spouse of householder, Spouse of householder, 1032.38, ?, ?, ?, "
+    "Not in universe under 1 year old, ?, 4, Not in universe, Mexico, Mexico, Mexico, "
+    "Foreign born- Not a citizen of U S , 0, Not in universe, 2, 12, 95, - 50000."
+)
+CENSUS_TEMPLATE = _CENSUS_LINE.split(", ")
+CENSUS_EDUCATION = ("High school graduate", "Bachelors degree(BA AB BS)", "Children", "Doctorate degree(PhD EdD)")
+CENSUS_MARITAL = ("Never married", "Married-civilian spouse present", "Divorced")
+CENSUS_WORKER = ("Private", "Self-employed-incorporated", "Local government")
+
+
+def census_row(i: int, **fields: str) -> list[str]:
+    """Row ``i`` of a generated UCI-format file: both labels, a "?" every 5th state, distinct ages."""
+    from mtl_experiments.data.census_income import COLUMNS
+
+    row = dict(zip(COLUMNS, CENSUS_TEMPLATE, strict=True))
+    row.update(
+        age=str(18 + i),
+        wage_per_hour=str((37 * i) % 101),
+        education=CENSUS_EDUCATION[i % 4],
+        marital_stat=CENSUS_MARITAL[i % 3],
+        class_worker=CENSUS_WORKER[i % 3],
+        state_prev_res="?" if i % 5 == 0 else ("California", "Utah")[i % 2],
+        income_50k="50000+." if i % 4 in (1, 2) else "- 50000.",
+    )
+    row.update(fields)
+    return [row[c] for c in COLUMNS]
+
+
+def write_census_files(root: Path, train_rows, test_rows, suffix: str = "") -> Path:
+    """census-income.data / .test in the UCI format (", "-separated, no header), plain, .gz or .bz2."""
+    root.mkdir(parents=True, exist_ok=True)
+    opener = {"": open, ".gz": gzip.open, ".bz2": bz2.open}[suffix]
+    for name, rows in (("census-income.data", train_rows), ("census-income.test", test_rows)):
+        with opener(root / f"{name}{suffix}", "wt") as f:
+            f.writelines(", ".join(r) + "\n" for r in rows)
+    return root
+
+
+@pytest.fixture
+def census_root(tmp_path: Path) -> Path:
+    """A small Census-Income folder (80 train rows, 40 test rows) in the UCI format."""
+    return write_census_files(
+        tmp_path / "census", [census_row(i) for i in range(80)], [census_row(i) for i in range(80, 120)]
+    )
 
 
 def options(group: str) -> list[str]:

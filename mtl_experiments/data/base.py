@@ -24,14 +24,47 @@ Split = dict  # {"features": {...}, "labels": {...}, optional "user_id"/"item_id
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What the inputs look like, so the feature layer and backbones are built from data, not constants."""
+    """What the inputs look like, so the feature layer and backbones are built from data, not constants.
+
+    ``numeric`` names the columns of ``features["numeric"]`` and ``categorical`` those of
+    ``features["categorical"]`` (in that order) with their cardinality: the number of embedding rows,
+    ids ``0 .. cardinality - 1``, *including* any reserved id (real-data modules reserve id 0 for
+    missing and out-of-vocabulary values). ``embedding_dims`` optionally suggests a dimension per
+    categorical column; the feature layer's config (``features.embedding_dims``) overrides it.
+    """
 
     numeric: tuple[str, ...] = ()
-    categorical: Mapping[str, int] = field(default_factory=dict)  # column name -> cardinality
+    categorical: Mapping[str, int] = field(default_factory=dict)  # column name -> cardinality (incl. reserved ids)
+    embedding_dims: Mapping[str, int] = field(default_factory=dict)  # optional column name -> embedding dim
+
+    def __post_init__(self):
+        unknown = sorted(set(self.embedding_dims) - set(self.categorical))
+        if unknown:
+            raise DataError(f"FeatureSpec.embedding_dims names non-categorical column(s) {unknown}.")
 
     @property
     def num_numeric(self) -> int:
         return len(self.numeric)
+
+    @property
+    def num_categorical(self) -> int:
+        return len(self.categorical)
+
+    def to_dict(self) -> dict:
+        """Plain containers only (loadable with ``torch.load(weights_only=True)``, e.g. from a cache)."""
+        return {
+            "numeric": list(self.numeric),
+            "categorical": dict(self.categorical),
+            "embedding_dims": dict(self.embedding_dims),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FeatureSpec:
+        return cls(
+            numeric=tuple(d.get("numeric", ())),
+            categorical=dict(d.get("categorical", {})),
+            embedding_dims=dict(d.get("embedding_dims", {})),
+        )
 
 
 def require_file(path: str | Path, how_to_get: str) -> Path:
