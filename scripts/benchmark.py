@@ -251,6 +251,11 @@ def report(rates: dict[str, list[float]], medians: dict[str, float], title: str)
     Console(width=max(120, len(title))).print(table)
 
 
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
@@ -330,8 +335,7 @@ def method_step_times(args: argparse.Namespace, overrides: list[str]) -> int:
             "ms_per_step": {f"{m}@T{t}": v for (t, m), v in ms.items()},
             "ratio_to_equal": {f"{m}@T{t}": v / ms[(t, "equal")] for (t, m), v in ms.items()},
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
@@ -419,8 +423,7 @@ def conflict_overhead(args: argparse.Namespace, overrides: list[str]) -> int:
             "estimated_overhead": estimate,
             "target_overhead": CONFLICT_TARGET,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
@@ -485,8 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "target_ratio": TARGET_RATIO,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

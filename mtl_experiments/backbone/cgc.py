@@ -26,25 +26,6 @@ class CGC(PLE):
     ``{task: softmax gate [B, m_k + m_s]}`` (task k's experts first, then the shared ones).
     """
 
-    def __init__(
-        self,
-        input_dim: int,
-        task_names: Sequence[str],
-        num_shared_experts: int = 4,
-        num_task_experts: int = 2,
-        expert_dims: Sequence[int] = (64,),
-        tower_dims: Sequence[int] = (32,),
-        dropout: float = 0.0,
-        activation: str = "ReLU",
-    ):
-        super().__init__(
-            input_dim,
-            task_names,
-            num_levels=1,
-            num_shared_experts=num_shared_experts,
-            num_task_experts=num_task_experts,
-            expert_dims=expert_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-        )
+    def __init__(self, input_dim: int, task_names: Sequence[str], **options):
+        # every PLE option but the number of levels, which is what makes it CGC
+        super().__init__(input_dim, task_names, num_levels=1, **options)
