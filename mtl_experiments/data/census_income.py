@@ -134,7 +134,7 @@ class CensusIncomeDataModule(TabularDataModule):
 
     def __init__(
         self,
-        tasks: Mapping,
+        tasks: Mapping | None = None,
         root: str = "../shared/data/census-income",
         task_group: int = 1,
         college_levels: Sequence[str] = COLLEGE_LEVELS,
@@ -143,9 +143,11 @@ class CensusIncomeDataModule(TabularDataModule):
         cache_dir: str | None = "~/.cache/mtl-experiments/census-income",
         **kwargs,
     ):
-        super().__init__(tasks=tasks, **kwargs)
         if int(task_group) not in TASK_GROUPS:
             raise ConfigError(f"data.task_group must be one of {sorted(TASK_GROUPS)}, got {task_group}.")
+        if tasks is None:  # the group's own tasks, so 'data.task_group=2' alone switches the benchmark
+            tasks = {name: {"kind": "binary"} for name in TASK_GROUPS[int(task_group)]}
+        super().__init__(tasks=tasks, **kwargs)
         self.task_group = int(task_group)
         expected = TASK_GROUPS[self.task_group]
         if sorted(self.tasks) != sorted(expected):
