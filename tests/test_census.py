@@ -15,7 +15,7 @@ from mtl_experiments.data.base import FeatureSpec
 from mtl_experiments.data.census_income import CATEGORICAL, COLLEGE_LEVELS, NUMERIC, CensusIncomeDataModule
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.features import FeatureEncoder
-from tests.conftest import census_row, write_census_files
+from tests.conftest import census_row, free_port, write_census_files
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/census-income"
 GROUP1 = {"income": {"kind": "binary"}, "marital": {"kind": "binary"}}
@@ -290,3 +290,85 @@ def test_per_column_dims_from_the_command_line(census_root, make_cfg, mlflow_run
     (run,) = mlflow_runs()
     assert run.info.status == "FINISHED"
     assert run.data.params["features.embedding_dims.state_prev_res"] == "5"
+
+
+# ---- download: true (a real HTTP server on 127.0.0.1 stands in for the UCI archive) ----------------------
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served over HTTP on 127.0.0.1; yields (folder, base url, request log)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    requests: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            requests.append(self.path)
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{port}/census-income-mld", requests
+    server.shutdown()
+    server.server_close()
+
+
+def _serve_fixture(folder: Path) -> dict[str, str]:
+    """The fixture files as UCI serves them (.gz) and the sha256 of their uncompressed content."""
+    import gzip
+    import hashlib
+
+    src = write_census_files(folder / "census-income-mld", TRAIN_ROWS, TEST_ROWS, ".gz")
+
+    return {n: hashlib.sha256(gzip.open(src / f"{n}.gz").read()).hexdigest() for n in census_income.FILES.values()}
+
+
+def test_download_fetches_verifies_and_loads(http_folder, tmp_path):
+    folder, url, requests = http_folder
+    sha = _serve_fixture(folder)
+    root = tmp_path / "fresh"
+    dm = module(root, tmp_path, download=True, download_url=url, download_sha256=sha)
+    assert sorted(p.name for p in root.iterdir()) == ["census-income.data.gz", "census-income.test.gz"]
+    assert len(dm.splits["train"]["labels"]["income"]) == len(TRAIN_ROWS)
+    n = len(requests)
+    module(root, tmp_path, download=True, download_url=url, download_sha256=sha)
+    assert len(requests) == n  # files present: nothing fetched again
+
+
+def test_download_with_a_wrong_checksum_keeps_nothing(http_folder, tmp_path):
+    folder, url, _ = http_folder
+    sha = _serve_fixture(folder)
+    root = tmp_path / "fresh"
+    bad = {**sha, "census-income.data": "0" * 64}
+    with pytest.raises(DataError, match="sha256.*nothing was kept"):
+        module(root, tmp_path, download=True, download_url=url, download_sha256=bad)
+    assert not any(p.name.startswith("census-income.data") or ".part" in p.name for p in root.iterdir())
+
+
+def test_download_from_an_unreachable_archive_names_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/census-income-mld"  # nothing listens there
+    with pytest.raises(DataError, match=f"Cannot download {url}/census-income.data.gz"):
+        module(tmp_path / "fresh", tmp_path, download=True, download_url=url)
+    assert not list((tmp_path / "fresh").iterdir())
+
+
+def _uci_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("archive.ics.uci.edu", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _uci_reachable(), reason="the UCI archive (archive.ics.uci.edu) is not reachable from here")
+def test_download_from_the_uci_archive_matches_the_published_checksums(tmp_path):
+    dm = module(tmp_path / "uci", tmp_path, download=True)
+    assert len(dm.splits["train"]["labels"]["income"]) == 199_523

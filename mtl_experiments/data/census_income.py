@@ -5,7 +5,9 @@ Files: ``census-income.data`` (train, 199,523 rows) and ``census-income.test`` (
 no header, 42 ``", "``-separated fields (column names: ``COLUMNS``, the short names of
 ``../shared/data/census-income/SOURCE.md``), labels ``- 50000.`` / ``50000+.``, missing values ``?``.
 A relative ``root`` is resolved against the working directory (the launch directory: this project's
-Hydra config does not chdir). There is no ``download`` option: get the files from the UCI archive.
+Hydra config does not chdir). With ``download: true`` a missing file is fetched as ``<name>.gz`` from
+``download_url`` (the UCI archive) into ``root`` and kept only if the sha256 of its *uncompressed* content
+matches ``UCI_SHA256`` (the published files; compression-independent, so a re-compressed copy verifies too).
 
 Task groups (all binary):
   1: ``income`` = income > 50K (``income_50k == "50000+."``), ``marital`` = ``marital_stat == "Never married"``;
@@ -77,9 +79,50 @@ FILES = {"train": "census-income.data", "test": "census-income.test"}
 HOW_TO_GET = (
     "Download census-income.data.gz and census-income.test.gz from the UCI archive "
     "(https://archive.ics.uci.edu/dataset/117/census+income+kdd) into data.root (plain, .gz or .bz2 all work), "
-    "or point data.root (or the MTL_CENSUS_ROOT environment variable) at a folder that has them."
+    "or point data.root (or the MTL_CENSUS_ROOT environment variable) at a folder that has them, "
+    "or set data.download=true to fetch them (checksum-verified)."
 )
 CACHE_VERSION = 1  # bump when the preprocessing changes
+UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/census-income-mld"
+UCI_SHA256 = {  # of the uncompressed files as published (../shared/data/census-income/SOURCE.md)
+    "census-income.data": "3676a81db7d3528f3f8b9f3c699d0f0aa28db45e6e994fa0b8ed38327539ee86",
+    "census-income.test": "98402b1ab879573d0a7f38a699a40258080e25e33d3401e7bf9c96d3fa0fab8c",
+}
+
+
+def download(root: Path, url: str = UCI_URL, sha256: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
+    """Fetch each missing ``<name>.gz`` of ``FILES`` from ``url`` into ``root``, verified by the sha256 of its
+    uncompressed content; a failed or mismatching download leaves nothing behind (a DataError says why)."""
+    import gzip
+    import urllib.error
+    import urllib.request
+
+    expected = dict(UCI_SHA256 if sha256 is None else sha256)
+    for name in FILES.values():
+        if any((root / f"{name}{suffix}").is_file() for suffix in ("", ".gz", ".bz2")):
+            continue
+        target, source = root / f"{name}.gz", f"{url.rstrip('/')}/{name}.gz"
+        part = target.with_name(f".{target.name}.part{os.getpid()}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            log.info("Census-Income: downloading %s", source)
+            with urllib.request.urlopen(source, timeout=timeout) as response, open(part, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+            h = hashlib.sha256()
+            with gzip.open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except (urllib.error.URLError, OSError, EOFError, ValueError) as e:
+            part.unlink(missing_ok=True)
+            raise DataError(f"Cannot download {source} into {root}: {e}. {HOW_TO_GET}") from e
+        if name in expected and h.hexdigest() != expected[name]:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"Downloaded {source}, but the sha256 of its content is {h.hexdigest()}, not the published "
+                f"{expected[name]}: the file is corrupt or not the UCI original; nothing was kept. {HOW_TO_GET}"
+            )
+        os.replace(part, target)  # only a verified file ever appears under its real name
 
 
 def find_file(root: Path, name: str) -> Path:
@@ -141,6 +184,9 @@ class CensusIncomeDataModule(TabularDataModule):
         split_seed: int = 0,
         cache: bool = True,
         cache_dir: str | None = "~/.cache/mtl-experiments/census-income",
+        download: bool = False,
+        download_url: str = UCI_URL,
+        download_sha256: Mapping[str, str] | None = None,
         **kwargs,
     ):
         if int(task_group) not in TASK_GROUPS:
@@ -171,6 +217,8 @@ class CensusIncomeDataModule(TabularDataModule):
         self.split_seed = int(split_seed)
         self.cache = bool(cache)
         self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
+        self.download, self.download_url = bool(download), str(download_url)
+        self.download_sha256 = dict(download_sha256) if download_sha256 is not None else None
         self.vocabularies: dict[str, list[str]] | None = None
         self.numeric_stats: dict[str, list[float]] | None = None
 
@@ -193,6 +241,8 @@ class CensusIncomeDataModule(TabularDataModule):
 
     # ---- loading ------------------------------------------------------------------------------------
     def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+        if self.download:
+            download(self.root, self.download_url, self.download_sha256)
         paths = {split: find_file(self.root, name) for split, name in FILES.items()}
         cache_file = None
         if self.cache and self.cache_dir is not None:
