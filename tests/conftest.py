@@ -91,6 +91,17 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def backbone_task_names(name: str, default: list[str]) -> list[str]:
+    """The task names to build ``conf/backbone/<name>.yaml`` with in contract tests: the ones it requires
+    given its options (``Backbone.required_tasks``, e.g. ESMM's CTR and CTCVR tasks), else ``default``."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(OmegaConf.load(CONF / "backbone" / f"{name}.yaml"))
+    required = get_class(options.pop("_target_")).required_tasks(**options)
+    return list(default) if required is None else list(required)
+
+
 def compose_cfg(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | None = None) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, with Hydra's runtime context set."""
     GlobalHydra.instance().clear()
@@ -209,3 +220,87 @@ def mlflow_server(tmp_path: Path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ---- recsys_synthetic and tabular datasets --------------------------------------------------------
+
+# conf/data/recsys_synthetic.yaml at a size that trains in about a second
+RECSYS_TINY = [
+    "data.num_users=200",
+    "data.num_items=100",
+    "data.num_interactions=3000",
+    "data.latent_dim=4",
+    "data.num_categories=5",
+    "data.content_dim=8",
+    "data.batch_size=128",
+]
+# the columns of write_tabular_file's table, as data=tabular overrides
+TABULAR_CONFIG = [
+    "data.categorical=[city,device]",
+    "data.numeric=[age,price]",
+    "data.id_columns={user_id: user, item_id: item}",
+    "data.tasks={click: {kind: binary}, watch: {kind: regression, label: watch_seconds}}",
+]
+
+
+def tabular_frame(rows: int = 300, seed: int = 0):
+    """A small interaction table with learnable labels: ids, two text columns (with missing values), two numeric
+    columns (a missing age every 10th row), a binary ``click`` and a real ``watch_seconds``."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    city = rng.choice(["Berlin", "Paris", "Rome", "Oslo"], rows)
+    age = rng.integers(18, 70, rows).astype(float)
+    price = rng.gamma(2.0, 10.0, rows).round(2)
+    score = (city == "Paris") * 1.5 - (age - 40) / 10 + rng.normal(0, 0.5, rows)
+    frame = pd.DataFrame(
+        {
+            "user": [f"u{i}" for i in rng.integers(0, 40, rows)],
+            "item": rng.integers(1000, 1030, rows),
+            "city": city,
+            "device": np.where(np.arange(rows) % 7 == 0, None, rng.choice(["ios", "android"], rows)),
+            "age": np.where(np.arange(rows) % 10 == 0, np.nan, age),
+            "price": price,
+            "click": (score > 0).astype(int),
+            "watch_seconds": np.round(np.exp(2 + score / 2) + rng.normal(0, 0.1, rows), 3),
+        }
+    )
+    return frame
+
+
+def write_tabular_file(path: Path, frame=None) -> Path:
+    """``frame`` (default ``tabular_frame()``) as CSV/TSV or Parquet, by ``path``'s extension."""
+    frame = tabular_frame() if frame is None else frame
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".parquet", ".pq"):
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False, sep="\t" if ".tsv" in path.suffixes else ",")
+    return path
+
+
+@pytest.fixture
+def tabular_csv(tmp_path: Path) -> Path:
+    return write_tabular_file(tmp_path / "tabular" / "interactions.csv")
+
+
+@pytest.fixture
+def tiny_data(request, tmp_path: Path):
+    """``tiny_data(name)`` -> overrides that train ``conf/data/<name>.yaml`` in seconds (``make_cfg(...,
+    tiny=False)``: TINY's keys are the synthetic dataset's), writing fixture files in the real format where the
+    dataset reads files."""
+
+    def overrides(name: str) -> list[str]:
+        if name == "synthetic":
+            return list(TINY[:3])
+        if name == "census_income":
+            root = request.getfixturevalue("census_root")
+            return [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=16"]
+        if name == "recsys_synthetic":
+            return [*RECSYS_TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+        if name == "tabular":
+            return [f"data.path={request.getfixturevalue('tabular_csv')}", *TABULAR_CONFIG, "data.batch_size=32"]
+        raise KeyError(f"tests/conftest.py:tiny_data has no tiny overrides for data={name}; add them there.")
+
+    return overrides

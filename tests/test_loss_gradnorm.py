@@ -23,7 +23,7 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 from mtl_experiments.tasks import build_tasks
 from mtl_experiments.tasks.regression import RegressionTask
-from tests.conftest import CONF, bare_trainer, options
+from tests.conftest import CONF, backbone_task_names, bare_trainer, options
 
 TWO = build_tasks({"a": {"kind": "regression"}, "b": {"kind": "regression"}})
 
@@ -220,9 +220,11 @@ def test_single_task_backbone_has_no_w():
 def test_w_is_one_shared_dense_weight_for_every_backbone(name):
     encoder = encoder_with_embedding()
     cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
-    backbone = instantiate(cfg, input_dim=encoder.output_dim, task_names=list(TWO), _convert_="all")
-    model = MultiTaskModel(encoder, backbone, TWO)
-    g = gradnorm(model=model)
+    names = backbone_task_names(name, list(TWO))  # a backbone that requires its tasks (ESMM) gets them, binary
+    tasks = TWO if names == list(TWO) else build_tasks({n: {"kind": "binary"} for n in names})
+    backbone = instantiate(cfg, input_dim=encoder.output_dim, task_names=names, _convert_="all")
+    model = MultiTaskModel(encoder, backbone, tasks)
+    g = gradnorm(tasks, model=model)
     if not model.shared_parameters():
         assert g.layer_path is None
         return

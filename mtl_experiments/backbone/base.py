@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mtl_experiments.tasks import Task
 
 
 def mlp(in_dim: int, hidden_dims: Sequence[int], dropout: float = 0.0, activation: str = "ReLU") -> nn.Sequential:
@@ -29,6 +33,11 @@ class Backbone(nn.Module):
     gates), never embedding tables; ``last_shared_layer`` names the module whose weight GradNorm
     measures (None when nothing is shared). A backbone whose tasks all read one shared tensor sets
     ``has_representation`` and stores that tensor as ``representation`` in each forward.
+
+    Hooks with do-nothing defaults, for backbones whose outputs are not independent per task (ESMM):
+    ``required_tasks(**options)`` names the tasks it needs, ``check_tasks(tasks)`` rejects tasks it cannot
+    model (called by ``MultiTaskModel``), ``combine(outputs)`` maps the heads' raw outputs to the ones the
+    losses and metrics see.
     """
 
     output_dim: int
@@ -46,3 +55,15 @@ class Backbone(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    @classmethod
+    def required_tasks(cls, **options) -> list[str] | None:
+        """The task names this backbone needs, given its config options; None when any task set will do."""
+        return None
+
+    def check_tasks(self, tasks: Mapping[str, Task]) -> None:
+        """Raise ``ConfigError`` for tasks this backbone cannot model (e.g. a kind it has no meaning for)."""
+
+    def combine(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The heads' raw outputs ``{task: Tensor}`` -> the outputs the losses and metrics see (identity here)."""
+        return outputs
