@@ -232,7 +232,7 @@ RECSYS_TINY = [
     "data.latent_dim=4",
     "data.num_categories=5",
     "data.content_dim=8",
-    "data.batch_size=128",
+    "data.batch_size=64",
 ]
 # the columns of write_tabular_file's table, as data=tabular overrides
 TABULAR_CONFIG = [

@@ -57,12 +57,11 @@ def test_default_run_is_tracked_completely(make_cfg, mlflow_runs, tracking_uri):
 
 
 @pytest.mark.parametrize("data", options("data"))
-def test_every_dataset_trains(data, make_cfg, mlflow_runs, request, tmp_path):
+def test_every_dataset_trains(data, make_cfg, mlflow_runs, tiny_data):
     if data == "synthetic":
         cfg = make_cfg(f"data={data}", "trainer.max_epochs=1")
-    else:  # real-data modules: TINY's synthetic keys do not exist; small fixture files in the real format
-        root = {"census_income": lambda: request.getfixturevalue("census_root")}[data]()
-        dataset = [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=16"]
+    else:  # TINY's synthetic keys do not exist; each dataset's tiny overrides (fixture files in its real format)
+        dataset = tiny_data(data)
         trainer = ["trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "~callbacks.progress_bar"]
         cfg = make_cfg(f"data={data}", *dataset, "trainer.max_epochs=1", *trainer, tiny=False)
     train(cfg)
