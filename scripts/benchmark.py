@@ -36,6 +36,39 @@ same run with ``module.conflict.every_n_steps=0`` (and no affinity), interleaved
 prints the overhead (median samples/s off / on − 1). Use ``loss=...`` to measure it under a method
 (a gradient method already computes the gradients the metrics reuse; ``equal`` is the worst case).
 
+With ``--rechub`` (implied by ``--census``) a ``rechub`` contender joins: torch-rechub's own ``MMOE``
+trained by its own ``MTLTrainer.train_one_epoch`` on the same train tensors (converted to the numpy
+columns its ``DataGenerator`` takes, as its ``examples/ranking/run_census.py`` does), sized from the
+config: the same categorical columns and cardinalities, the same embedding dimension per column, the
+same numeric columns (one ``DenseFeature`` each), experts, towers, optimizer and batch size. Its MLP
+layers add a BatchNorm after every Linear (its design; the parameter counts of both are printed), its
+DataLoader builds each batch from per-row ``__getitem__`` + collate, and its tqdm bar and per-epoch
+print go to /dev/null. It needs the optional package, installed in the benchmark's environment only
+(never a project dependency)::
+
+    pip install torch-rechub        # 0.9.0 measured; it needs nothing the project does not already have
+
+Without it the contender is skipped and the output says why. ``lightning/rechub`` is the ratio the
+issue asks for (target >= 3x), next to ``lightning/plain`` (target >= 0.9x).
+
+``--census`` is the census setting in one flag: ``experiment=census_mmoe`` (Census-Income, embeddings
+of 4, 8 experts of 16, towers of 8, Adam 1e-3 / 1e-4, batch 1024; 21.3k parameters) and the contenders
+``plain``, ``lightning`` and ``rechub``. The data is read from ``$MTL_CENSUS_ROOT`` (default
+``../shared/data/census-income``); the first load parses the files (~9 s), later ones read the cache.
+
+With ``--one-vs-many`` it instead compares one multi-task model with T single-task models, the promise
+multi-task models are adopted for. Each single-task model is the configured model built for one task
+alone (its own embeddings, experts, gate, tower and head: with ``--census`` an MMoE with one gate):
+the same architecture and capacity per task, so the T models are what one would deploy without
+multi-task learning. (The ``single_task`` backbone is not used for them: it keeps one embedding table
+shared by all tasks, so it is not T separate models.) Every model is trained ``--epochs`` epochs
+(default 5) by ``Trainer.fit`` with the configured module, validation and the conflict metrics off;
+the table has parameters, train seconds per epoch (median over the epochs after the first, which warms
+up; the models train one after another, not interleaved), inference latency per 10k
+samples (eval mode, ``torch.inference_mode``, one batch of 10k test rows, median of ``--repeats`` x 10
+interleaved rounds; T models = T forward passes) and the test AUROC of the final weights, so
+"comparable AUC" is visible; the T-model row sums parameters, times and latencies.
+
 Run (any Hydra override of ``train.py`` applies)::
 
     python scripts/benchmark.py
@@ -43,14 +76,18 @@ Run (any Hydra override of ``train.py`` applies)::
     python scripts/benchmark.py backbone=single_task data.batch_size=512
     python scripts/benchmark.py --methods --tasks 2,4 --json methods.json
     python scripts/benchmark.py --conflict --repeats 5
+    python scripts/benchmark.py --census --json census.json          # plain, lightning, rechub
+    python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -59,20 +96,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.classification import binary_auroc
 
 from mtl_experiments import pipeline
-from mtl_experiments.data.base import TabularDataModule
-from mtl_experiments.errors import MTLError
+from mtl_experiments.data.base import FeatureSpec, TabularDataModule
+from mtl_experiments.errors import ConfigError, MTLError
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 
@@ -83,6 +123,12 @@ PLAIN = "plain"
 LIGHTNING = "lightning"
 LIGHTNING_NO_METRICS = "lightning_no_train_metrics"
 PLAIN_DATALOADER = "plain_dataloader"
+RECHUB = "rechub"
+RECHUB_TARGET = 3.0
+RECHUB_INSTALL = "pip install torch-rechub"
+CENSUS_OVERRIDES = ["experiment=census_mmoe"]
+MMOE_TARGET = "mtl_experiments.backbone.mmoe.MMoE"
+LATENCY_ROWS = 10_000
 CONFLICT_ON = "conflict_on"
 CONFLICT_OFF = "conflict_off"
 CONFLICT_TARGET = 0.05
@@ -90,6 +136,7 @@ CONFLICT_TARGET = 0.05
 
 # -- building, the way pipeline.train does ------------------------------------------------------------
 def compose_config(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()  # callable from a process that composed before (tests, notebooks)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -174,6 +221,83 @@ def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int
     return time.perf_counter() - start
 
 
+# -- torch-rechub's MMOE and MTLTrainer (optional package, benchmark only) --------------------------
+def rechub_missing() -> str | None:
+    """Why the rechub contender cannot run here, or None when it can."""
+    try:
+        import torch_rechub.trainers  # noqa: F401
+    except Exception as e:  # not installed, or installed against versions it cannot import with
+        return f"torch_rechub cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+def rechub_columns(split: dict, spec: FeatureSpec) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A split as the ``{column: numpy array}`` + ``labels[N, T]`` that torch-rechub's ``DataGenerator`` takes."""
+    features = split["features"]
+    x = {name: features["categorical"][:, i].numpy() for i, name in enumerate(spec.categorical)}
+    x.update({name: features["numeric"][:, j].numpy() for j, name in enumerate(spec.numeric)})
+    y = np.stack([label.numpy() for label in split["labels"].values()], axis=1)
+    return x, y
+
+
+def build_rechub(cfg: DictConfig, datamodule: TabularDataModule):
+    """torch-rechub's MMOE, MTLTrainer and train DataLoader sized from ``cfg`` (as its run_census.py builds them)."""
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+    from torch_rechub.models.multi_task import MMOE
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator
+
+    backbone = cfg.backbone
+    if backbone._target_ != MMOE_TARGET:
+        raise ConfigError(
+            f"The rechub contender trains torch-rechub's MMOE, so it needs backbone=mmoe; this config has "
+            f"{backbone._target_}. Use --census, or add backbone=mmoe."
+        )
+    if str(backbone.get("activation", "ReLU")) != "ReLU":
+        raise ConfigError("The rechub contender uses ReLU (torch-rechub's default); set backbone.activation=ReLU.")
+    kinds = {"binary": "classification", "regression": "regression"}
+    task_types = []
+    for name, task in datamodule.tasks.items():
+        if task.kind not in kinds:
+            raise ConfigError(
+                f"torch-rechub's MTLTrainer has binary and regression tasks only; '{name}' is {task.kind}."
+            )
+        task_types.append(kinds[task.kind])
+    spec = datamodule.feature_spec
+    encoder = pipeline.build(cfg, "features", spec=spec)  # the embedding dimension of each column, as ours
+    features = [SparseFeature(c, card, embed_dim=encoder.embedding_dims[c]) for c, card in spec.categorical.items()]
+    features += [DenseFeature(c) for c in spec.numeric]
+    dropout = float(backbone.get("dropout", 0.0))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = MMOE(
+        features,
+        task_types,
+        int(backbone.num_experts),
+        expert_params={"dims": list(backbone.expert_dims), "dropout": dropout},
+        tower_params_list=[{"dims": list(backbone.tower_dims), "dropout": dropout}] * len(task_types),
+    )
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    optimizer_fn = get_class(optimizer.pop("_target_"))
+    optimizer.pop("_partial_", None)
+    trainer = MTLTrainer(model, task_types, optimizer_fn=optimizer_fn, optimizer_params=optimizer, device="cpu")
+    x, y = rechub_columns(datamodule.splits["train"], spec)
+    x_val, y_val = rechub_columns(datamodule.splits["val"], spec)
+    loaders = DataGenerator(x, y).generate_dataloader(
+        x_val=x_val, y_val=y_val, x_test=x_val, y_test=y_val, batch_size=datamodule.batch_size
+    )
+    return trainer, loaders[0]
+
+
+def rechub_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    trainer, loader = build_rechub(cfg, datamodule)
+    # its trainer has no switch for its tqdm bar and per-epoch print: they still run, into /dev/null
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        start = time.perf_counter()
+        for _ in range(epochs):
+            trainer.train_one_epoch(loader)
+        return time.perf_counter() - start
+
+
 class StepTimer(pl.Callback):
     """Wall time of the training steps alone (batch start to batch end), without fit set-up or epoch ends."""
 
@@ -234,6 +358,8 @@ def measure(
 def summarize(rates: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     ratios = {f"{name}/{PLAIN}": medians[name] / medians[PLAIN] for name in medians if name != PLAIN}
+    if RECHUB in medians:
+        ratios[f"{LIGHTNING}/{RECHUB}"] = medians[LIGHTNING] / medians[RECHUB]
     return medians, ratios
 
 
@@ -261,19 +387,42 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description=(__doc__ or "").split("\n\n")[0],
         epilog="Any other argument is a Hydra override of conf/train.yaml, e.g. backbone=single_task.",
     )
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs per timed run (default 3)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="training epochs per timed run (default 3; 5 for --one-vs-many)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     parser.add_argument("--methods", action="store_true", help="step time of each loss method relative to equal")
     parser.add_argument("--methods-list", default=None, help="comma-separated methods (default: all conf/loss)")
     parser.add_argument("--tasks", default="2,4", help="task counts for --methods (default 2,4)")
     parser.add_argument("--conflict", action="store_true", help="overhead of the task-conflict metrics (on vs off)")
+    parser.add_argument(
+        "--rechub", action="store_true", help=f"add torch-rechub's MMOE + MTLTrainer as a contender ({RECHUB_INSTALL})"
+    )
+    parser.add_argument(
+        "--census",
+        action="store_true",
+        help="the census setting: experiment=census_mmoe; contenders plain, lightning, rechub",
+    )
+    parser.add_argument(
+        "--one-vs-many", action="store_true", help="one multi-task model against T single-task models (table)"
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.epochs < 1 or args.repeats < 1:
+    if (args.epochs is not None and args.epochs < 1) or args.repeats < 1:
         parser.error("--epochs and --repeats must be >= 1")
+    if sum([args.methods, args.conflict, args.one_vs_many]) > 1:
+        parser.error("--methods, --conflict and --one-vs-many are separate measurements: choose one")
+    if args.rechub and (args.methods or args.conflict or args.one_vs_many):
+        parser.error(
+            "--rechub adds a contender to the throughput measurement, not to --methods/--conflict/--one-vs-many"
+        )
+    if args.epochs is None:
+        args.epochs = 5 if args.one_vs_many else 3
+    if args.census:
+        overrides = [*CENSUS_OVERRIDES, *overrides]  # the user's own overrides still apply on top
     return args, overrides
 
 
@@ -427,48 +576,240 @@ def conflict_overhead(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # "consider more workers" and similar hints are about the user's setup, not this measurement
-    warnings.filterwarnings("ignore", module=r"lightning\.")
+# -- one multi-task model against T single-task models ---------------------------------------------
+class OneTaskData(TabularDataModule):
+    """One task of a set-up datamodule: the same tensors (not copied), only that task's labels."""
 
-    if args.methods or args.conflict:
-        try:
-            return method_step_times(args, overrides) if args.methods else conflict_overhead(args, overrides)
-        except (MTLError, HydraException, OmegaConfBaseException) as e:
-            print(f"Error: {e}", file=sys.stderr)
-            return 2
-    try:
-        cfg = compose_config(overrides)
-        datamodule = instantiate(cfg.data, _convert_="all")
-        datamodule.setup()
-    except (MTLError, HydraException, OmegaConfBaseException) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
+    def __init__(self, source: TabularDataModule, task: str):
+        super().__init__(
+            tasks={task: {"kind": source.tasks[task].kind}},
+            batch_size=source.batch_size,
+            eval_batch_size=source.eval_batch_size,
+            shuffle_seed=source.shuffle_seed,
+        )
+        self.tasks = {task: source.tasks[task]}  # the source's own Task object, options included
+        self.source = source
+
+    def load(self):
+        (task,) = self.tasks
+        splits = {k: {**v, "labels": {task: v["labels"][task]}} for k, v in self.source.splits.items()}
+        return splits["train"], splits["val"], splits["test"], self.source.feature_spec
+
+
+class EpochTimer(pl.Callback):
+    """Seconds of each training epoch, start to start (the last one ends at on_train_end), so the
+    module's own epoch-end work (train metrics) is inside the epoch it belongs to."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.marks.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module):
+        self.marks.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def train_for(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> tuple[MTLModule, list[float]]:
+    """A freshly seeded module trained ``epochs`` epochs by Trainer.fit (no validation); seconds per epoch."""
+    module, timer = build_module(cfg, datamodule), EpochTimer()
+    trainer = pl.Trainer(
+        callbacks=[timer],
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return module, timer.seconds
+
+
+@torch.inference_mode()
+def test_auroc(model: MultiTaskModel, datamodule: TabularDataModule) -> dict[str, float]:
+    model.eval()
+    split = datamodule.splits["test"]
+    outputs = model(split["features"])
+    return {
+        name: float(binary_auroc(task.predict(outputs[name]), split["labels"][name].long()))
+        for name, task in datamodule.tasks.items()
+    }
+
+
+def latency_batch(datamodule: TabularDataModule) -> dict:
+    """``LATENCY_ROWS`` test rows (cycled when the test split is smaller), as one batch of features."""
+    split = datamodule.splits["test"]
+    return _take(split["features"], torch.arange(LATENCY_ROWS) % _num_rows(split))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def one_vs_many(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One multi-task model against T single-task models: parameters, train time, latency, test AUROC."""
+    cfg = with_conflict(compose_config(overrides), 0)  # a diagnostic of multi-task training, off for both
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    tasks = list(datamodule.tasks)
+    if len(tasks) < 2:
+        raise ConfigError(f"--one-vs-many compares one model of T >= 2 tasks with T models; data.tasks has {tasks}.")
+    not_binary = [n for n, t in datamodule.tasks.items() if t.kind != "binary"]
+    if not_binary:
+        raise ConfigError(f"--one-vs-many reports test AUROC, so every task must be binary; {not_binary} are not.")
+    epochs = args.epochs
+    data = {"multi": datamodule, **{task: OneTaskData(datamodule, task) for task in tasks}}
+
+    results: dict[str, dict] = {}
+    models: dict[str, MultiTaskModel] = {}
+    for name, dm in data.items():
+        dm.setup()
+        module, seconds = train_for(cfg, dm, epochs)
+        models[name] = module.model
+        results[name] = {
+            "parameters": parameter_count(module.model),
+            "train_s_per_epoch": statistics.median(seconds[1:] or seconds),  # the first epoch warms up
+            "train_s_epochs": seconds,
+            "test_auroc": test_auroc(module.model, dm),
+        }
+
+    # latency: the multi-task model against the T models one after another, interleaved rounds
+    batch = latency_batch(datamodule)
+    serve = {"multi": [models["multi"]], "singles": [models[t] for t in tasks]}
+
+    @torch.inference_mode()
+    def latency_ms(group: list[MultiTaskModel]) -> float:
+        start = time.perf_counter()
+        for model in group:
+            model(batch)
+        return 1e3 * (time.perf_counter() - start)
+
+    for group in serve.values():
+        for model in group:
+            model.eval()
+        latency_ms(group)  # warm-up
+    ms: dict[str, list[float]] = {name: [] for name in serve}
+    for _ in range(10 * args.repeats):
+        for name, group in serve.items():
+            ms[name].append(latency_ms(group))
+    singles = {
+        "parameters": sum(results[t]["parameters"] for t in tasks),
+        "train_s_per_epoch": sum(results[t]["train_s_per_epoch"] for t in tasks),
+        "latency_ms_per_10k": statistics.median(ms["singles"]),
+        "test_auroc": {t: results[t]["test_auroc"][t] for t in tasks},
+    }
+    multi = {**results["multi"], "latency_ms_per_10k": statistics.median(ms["multi"])}
+    ratios = {key: multi[key] / singles[key] for key in ("parameters", "train_s_per_epoch", "latency_ms_per_10k")}
+
+    backbone = cfg.backbone._target_.rsplit(".", 1)[-1]
+    table = Table(
+        title=f"one {backbone} for {len(tasks)} tasks vs {len(tasks)} single-task {backbone}s: "
+        f"{_num_rows(datamodule.splits['train'])} train rows, {epochs} epoch(s) each, batch {datamodule.batch_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    table.add_column("model(s)", no_wrap=True)
+    table.add_column("parameters", justify="right")
+    table.add_column("train s/epoch", justify="right")
+    table.add_column(f"ms per {LATENCY_ROWS // 1000}k (inference)", justify="right")
+    for task in tasks:
+        table.add_column(f"test AUROC {task}", justify="right")
+
+    def row(label: str, r: dict, auroc: dict[str, float], latency: str) -> None:
+        cells = [f"{auroc[t]:.4f}" if t in auroc else "" for t in tasks]
+        table.add_row(label, f"{r['parameters']:,}", f"{r['train_s_per_epoch']:.2f}", latency, *cells)
+
+    row(f"1 multi-task model ({len(tasks)} tasks)", multi, multi["test_auroc"], f"{multi['latency_ms_per_10k']:.1f}")
+    for task in tasks:
+        row(f"  single-task model: {task}", results[task], results[task]["test_auroc"], "")
+    row(
+        f"{len(tasks)} single-task models (sum)",
+        singles,
+        singles["test_auroc"],
+        f"{singles['latency_ms_per_10k']:.1f}",
+    )
+    Console(width=140).print(table)
+    print(
+        f"multi / {len(tasks)} single: parameters {ratios['parameters']:.2f}x, train time per epoch "
+        f"{ratios['train_s_per_epoch']:.2f}x, inference latency {ratios['latency_ms_per_10k']:.2f}x; test AUROC "
+        + ", ".join(f"{t} {multi['test_auroc'][t] - singles['test_auroc'][t]:+.4f}" for t in tasks)
+        + " (multi - single)"
+    )
+    if args.json is not None:
+        write_json(
+            args.json,
+            {
+                "overrides": overrides,
+                "epochs": epochs,
+                "num_threads": torch.get_num_threads(),
+                "train_rows": _num_rows(datamodule.splits["train"]),
+                "latency_rows": LATENCY_ROWS,
+                "latency_rounds": 10 * args.repeats,
+                "multi": multi,
+                "single": {t: results[t] for t in tasks},
+                "singles_total": singles,
+                "ratios_multi_to_singles": ratios,
+                "runs_latency_ms": ms,
+            },
+        )
+    return 0
+
+
+def throughput(args: argparse.Namespace, overrides: list[str]) -> int:
+    """samples/s of each contender, interleaved; ratios to the plain loop (and lightning/rechub)."""
+    epochs = args.epochs
+    cfg = compose_config(overrides)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
     rows = _num_rows(datamodule.splits["train"])
 
     contenders: dict[str, Callable[[int], float]] = {
         PLAIN: lambda e: plain_sliced(cfg, datamodule, e),
         LIGHTNING: lambda e: lightning_fit(cfg, datamodule, e),
     }
-    if cfg.module.get("train_metrics", True):
-        no_metrics_cfg = with_train_metrics(cfg, False)
-        contenders[LIGHTNING_NO_METRICS] = lambda e: lightning_fit(no_metrics_cfg, datamodule, e)
-    contenders[PLAIN_DATALOADER] = lambda e: plain_dataloader(cfg, datamodule, e)
+    if not args.census:
+        if cfg.module.get("train_metrics", True):
+            no_metrics_cfg = with_train_metrics(cfg, False)
+            contenders[LIGHTNING_NO_METRICS] = lambda e: lightning_fit(no_metrics_cfg, datamodule, e)
+        contenders[PLAIN_DATALOADER] = lambda e: plain_dataloader(cfg, datamodule, e)
+    skipped: dict[str, str] = {}
+    parameters = {"ours": parameter_count(build_model(cfg, datamodule))}  # plain and lightning
+    if args.rechub or args.census:
+        missing = rechub_missing()
+        if missing:
+            skipped[RECHUB] = f"{missing}; install it in the benchmark's environment: {RECHUB_INSTALL}"
+        else:
+            parameters[RECHUB] = parameter_count(build_rechub(cfg, datamodule)[0].model)  # checks the config too
+            contenders[RECHUB] = lambda e: rechub_fit(cfg, datamodule, e)
 
-    rates = measure(contenders, args.epochs, args.repeats, rows)
+    rates = measure(contenders, epochs, args.repeats, rows)
     medians, ratios = summarize(rates)
     title = (
-        f"training throughput: {rows} train rows, batch {datamodule.batch_size}, {args.epochs} epoch(s) x "
+        f"training throughput: {rows} train rows, batch {datamodule.batch_size}, {epochs} epoch(s) x "
         f"{args.repeats} round(s), {torch.get_num_threads()} threads"
     )
     report(rates, medians, title)
-    if LIGHTNING_NO_METRICS not in medians:
+    if LIGHTNING_NO_METRICS not in medians and not args.census:
         print("(module.train_metrics is already false: the lightning row has no train metrics)")
-    print(f"ratio {PLAIN_DATALOADER}/{PLAIN} = {ratios[f'{PLAIN_DATALOADER}/{PLAIN}']:.2f} (per-sample loading)")
+    for name, reason in skipped.items():
+        print(f"{name}: skipped ({reason})")
+    if RECHUB in parameters:
+        print(
+            f"parameters: ours {parameters['ours']:,}, torch-rechub's MMOE {parameters[RECHUB]:,} "
+            "(its MLP layers add a BatchNorm after every Linear)"
+        )
+    if PLAIN_DATALOADER in medians:
+        print(f"ratio {PLAIN_DATALOADER}/{PLAIN} = {ratios[f'{PLAIN_DATALOADER}/{PLAIN}']:.2f} (per-sample loading)")
     print(f"ratio {LIGHTNING}/{PLAIN} = {ratios[f'{LIGHTNING}/{PLAIN}']:.2f} (target >= {TARGET_RATIO:.2f})")
+    if RECHUB in medians:
+        print(f"ratio {LIGHTNING}/{RECHUB} = {ratios[f'{LIGHTNING}/{RECHUB}']:.2f} (target >= {RECHUB_TARGET:.2f})")
 
     if args.json is not None:
         result = {
@@ -479,17 +820,42 @@ def main(argv: list[str] | None = None) -> int:
             },
             "train_rows": rows,
             "batch_size": datamodule.batch_size,
-            "epochs": args.epochs,
+            "epochs": epochs,
             "repeats": args.repeats,
             "num_threads": torch.get_num_threads(),
+            "parameters": parameters,
             "samples_per_s": medians,
             "best_samples_per_s": {name: max(values) for name, values in rates.items()},
             "runs_samples_per_s": rates,
             "ratios": ratios,
             "target_ratio": TARGET_RATIO,
+            "skipped": skipped,
         }
+        if RECHUB in medians or RECHUB in skipped:
+            result["target_ratio_rechub"] = RECHUB_TARGET
         write_json(args.json, result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "consider more workers" and similar hints are about the user's setup, not this measurement
+    warnings.filterwarnings("ignore", module=r"lightning\.")
+    if args.methods:
+        mode = method_step_times
+    elif args.conflict:
+        mode = conflict_overhead
+    elif args.one_vs_many:
+        mode = one_vs_many
+    else:
+        mode = throughput
+    try:
+        return mode(args, overrides)
+    except (MTLError, HydraException, OmegaConfBaseException) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

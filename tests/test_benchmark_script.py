@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mtl_experiments.errors import ConfigError
+from tests.conftest import compose_cfg
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
@@ -75,3 +85,132 @@ def test_conflict_mode_reports_the_overhead_of_the_conflict_metrics(tmp_path):
     assert set(result["samples_per_s"]) == {"conflict_on", "conflict_off"} and result["every_n_steps"] == 2
     assert all(ms > 0 for ms in result["ms_per_step"].values())
     assert isinstance(result["overhead"], float) and isinstance(result["estimated_overhead"], float)
+
+
+# -- the census setting, torch-rechub and one model against T ---------------------------------------------
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MTL_CACHE_DIR": str(tmp_path / "cache")}  # never the user's cache
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_census_mode_measures_plain_lightning_and_rechub_or_says_why(tmp_path, census_root):
+    out = tmp_path / "census.json"
+    proc = _run(
+        ["--census", "--epochs", "1", "--repeats", "1", "--json", str(out), f"data.root={census_root}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["overrides"] == ["experiment=census_mmoe", f"data.root={census_root}"]
+    assert result["train_rows"] == 80 and result["batch_size"] == 1024
+    assert result["config"]["backbone"]["num_experts"] == 8 and result["config"]["features"]["embedding_dim"] == 4
+    assert {"plain", "lightning"} <= set(result["samples_per_s"])
+    assert not {"lightning_no_train_metrics", "plain_dataloader"} & set(result["samples_per_s"])
+    assert "ratio lightning/plain" in proc.stdout
+    if _load_script().rechub_missing() is None:
+        assert set(result["samples_per_s"]) == {"plain", "lightning", "rechub"} and result["skipped"] == {}
+        assert result["ratios"]["lightning/rechub"] > 0 and "ratio lightning/rechub" in proc.stdout
+        assert result["parameters"]["rechub"] > 0
+    else:
+        assert set(result["samples_per_s"]) == {"plain", "lightning"}
+        assert "pip install torch-rechub" in result["skipped"]["rechub"]
+        assert "rechub: skipped" in proc.stdout
+
+
+def test_rechub_contender_trains_its_mmoe_on_the_same_tensors_and_sizes(tmp_path, census_root):
+    pytest.importorskip("torch_rechub", reason="optional benchmark contender: pip install torch-rechub")
+    bench = _load_script()
+    cfg = compose_cfg(["experiment=census_mmoe", f"data.root={census_root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    trainer, loader = bench.build_rechub(cfg, datamodule)
+    ours = bench.build_model(cfg, datamodule)
+
+    model = trainer.model
+    assert model.input_dims == ours.encoder.output_dim  # same columns, embedding dims and numeric inputs
+    assert len(model.experts) == 8 and model.n_task == 2
+    assert [m.out_features for m in model.experts[0].mlp if isinstance(m, torch.nn.Linear)] == [16]
+    assert [m.out_features for m in model.towers[0].mlp if isinstance(m, torch.nn.Linear)] == [8, 1]
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.Adam) and (group["lr"], group["weight_decay"]) == (1e-3, 1e-4)
+
+    train = datamodule.splits["train"]
+    assert loader.batch_size == 1024 and len(loader.dataset) == 80
+    for i, name in enumerate(datamodule.feature_spec.categorical):
+        assert torch.equal(torch.from_numpy(loader.dataset.x[name]), train["features"]["categorical"][:, i])
+    for j, name in enumerate(datamodule.feature_spec.numeric):
+        assert torch.equal(torch.from_numpy(loader.dataset.x[name]), train["features"]["numeric"][:, j])
+    assert torch.equal(torch.from_numpy(loader.dataset.y[:, 0]), train["labels"]["income"])
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        trainer.train_one_epoch(loader)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_rechub_needs_the_mmoe_backbone(tmp_path):
+    pytest.importorskip("torch_rechub", reason="optional benchmark contender: pip install torch-rechub")
+    bench = _load_script()
+    cfg = compose_cfg(["data.num_samples=300", "backbone=shared_bottom"])
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    with pytest.raises(ConfigError, match="needs backbone=mmoe"):
+        bench.build_rechub(cfg, datamodule)
+
+
+def test_one_vs_many_compares_one_model_with_one_per_task(tmp_path, census_root):
+    out = tmp_path / "ovm.json"
+    proc = _run(
+        [
+            "--census",
+            "--one-vs-many",
+            "--epochs",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            f"data.root={census_root}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 single-task models (sum)" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["epochs"] == 2 and result["latency_rows"] == 10_000
+    multi, single, total = result["multi"], result["single"], result["singles_total"]
+    assert set(multi["test_auroc"]) == {"income", "marital"} and set(single) == {"income", "marital"}
+    for task, r in single.items():
+        assert set(r["test_auroc"]) == {task} and 0 <= r["test_auroc"][task] <= 1
+        assert len(r["train_s_epochs"]) == 2 and r["train_s_per_epoch"] > 0
+    assert total["parameters"] == sum(r["parameters"] for r in single.values())
+    # each single-task model has its own embeddings and experts: T of them hold more than the one shared model
+    assert single["income"]["parameters"] < multi["parameters"] < total["parameters"]
+    assert total["test_auroc"] == {task: single[task]["test_auroc"][task] for task in single}
+    assert multi["latency_ms_per_10k"] > 0 and total["latency_ms_per_10k"] > 0
+    assert set(result["ratios_multi_to_singles"]) == {"parameters", "train_s_per_epoch", "latency_ms_per_10k"}
+
+
+def test_one_vs_many_needs_at_least_two_tasks():
+    bench = _load_script()
+    args, overrides = bench.parse_args(["--one-vs-many", "--epochs", "1", "data.num_samples=300", "~data.tasks.y2"])
+    with pytest.raises(ConfigError, match="T >= 2"):
+        bench.one_vs_many(args, overrides)
+
+
+def test_measurements_are_chosen_one_at_a_time():
+    bench = _load_script()
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--methods", "--one-vs-many"])
+    assert exc.value.code == 2
+    args, overrides = bench.parse_args(["--census", "--one-vs-many", "seed=1"])
+    assert overrides == ["experiment=census_mmoe", "seed=1"] and args.epochs == 5
+    assert bench.parse_args([])[0].epochs == 3
