@@ -40,7 +40,14 @@ from mtl_experiments.errors import ConfigError, MTLError, TrackingError
 SEED_PARAMS = frozenset({"seed", "data.shuffle_seed", "loss.seed"})
 # Params that differ per run but are not configuration (output locations, a resumed checkpoint).
 PER_RUN_PARAMS = frozenset(
-    {"paths.output_dir", "trainer.default_root_dir", "callbacks.model_checkpoint.dirpath", "ckpt_path"}
+    {
+        "paths.output_dir",
+        "trainer.default_root_dir",
+        "callbacks.model_checkpoint.dirpath",
+        "callbacks.last_checkpoint.dirpath",
+        "ckpt_path",
+        "resume",
+    }
 )
 PER_RUN_PREFIXES = ("hydra.",)
 # Choice tags always shown; other Hydra choice tags are shown when they vary.

@@ -12,6 +12,19 @@ Task-conflict metrics (``module.conflict``, ``mtl_experiments/metrics/conflict.p
 per step covers everything asked for that step (the weighting's inputs, the metrics' inputs, the shared
 parameters for the lookahead affinity), and each consumer takes its columns, so no gradient is computed
 twice (PCGrad's G is the metrics' G; GradNorm's last-layer G is a slice of the shared G).
+
+Under DDP (``trainer=ddp``) every rank computes exactly what one process would compute on the global
+batch (the ranks' shares together), so every rank applies the same update and the replicas never drift:
+- the losses a weighting sees have the global batch's values and this rank's gradients
+  (``grads.global_losses``: one all-reduce of T numbers), so loss-level methods, their histories (DWA,
+  FAMO), GradNorm's loss ratios and the NaN check agree on every rank;
+- ``G`` is taken on this rank's share with ``autograd.grad`` (DDP's hooks do not fire) and made the global
+  batch's ``G`` *before* anything aggregates or measures it (``grads.sync_task_gradients``: the mean over
+  ranks for parameters, the gathered batch for the representation);
+- the one real backward (``manual_backward``) runs inside DDP, which averages every parameter's gradient,
+  the non-shared parameters' included; a gradient-level method then overwrites the shared parameters'
+  averaged gradient with its aggregate of the global ``G``, after DDP's reduction has finished, so the
+  update is neither averaged twice nor lost. Conflict metrics use the same global ``G`` (rank 0 logs).
 """
 
 from __future__ import annotations
@@ -23,10 +36,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from mtl_experiments.errors import ConfigError, NonFiniteLossError
-from mtl_experiments.grads import task_gradients
+from mtl_experiments.grads import (
+    gather_batch,
+    global_losses,
+    mean_over_ranks,
+    sync_task_gradients,
+    task_gradients,
+    world_size,
+)
 from mtl_experiments.loss.base import Weighting
 from mtl_experiments.metrics.conflict import (
     ConflictConfig,
@@ -40,7 +61,37 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.tasks import Task
 
 STAGES = ("train", "val", "test")
+NONFINITE_POLICIES = ("stop", "skip")
 log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, random) as tensors and plain values (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)],
+        "random": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def metric_directions(tasks: Mapping[str, Task], stage: str = "val") -> dict[str, bool]:
@@ -74,8 +125,16 @@ class MTLModule(pl.LightningModule):
         gradient_clip_algorithm: str = "norm",
         train_metrics: bool = True,
         conflict: Mapping[str, Any] | None = None,
+        nonfinite: str = "stop",
+        max_consecutive_nonfinite: int = 10,
     ):
         super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"module.nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}.")
+        if int(max_consecutive_nonfinite) < 1:
+            raise ConfigError(f"module.max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}.")
+        self.nonfinite, self.max_consecutive_nonfinite = nonfinite, int(max_consecutive_nonfinite)
+        self.nonfinite_skipped, self._nonfinite_streak = 0, 0
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
         self.optimizer_factory, self.scheduler_cfg = optimizer, dict(scheduler) if scheduler else None
@@ -132,22 +191,59 @@ class MTLModule(pl.LightningModule):
     def _losses(self, outputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
         return torch.stack([task.loss(outputs[name], labels[name]) for name, task in self.tasks.items()])
 
-    def _check_finite(self, losses: Tensor) -> None:
-        if not torch.isfinite(losses).all():
-            bad = {n: float(v) for n, v in zip(self.tasks, losses.detach().cpu(), strict=True) if not torch.isfinite(v)}
+    def _check_finite(self, losses: Tensor) -> bool:
+        """True when every task loss is finite; otherwise ``module.nonfinite`` decides.
+
+        ``stop``: raise NonFiniteLossError naming the task(s) and the step (the run ends FAILED; no
+        checkpoint is written after it, so ``last.ckpt`` is the last good state). ``skip``: return False
+        so the caller skips the step (no backward, no update, no weighting hook), count it
+        (``train/nonfinite_skipped``), and raise after ``max_consecutive_nonfinite`` skips in a row (then
+        it is not a bad batch but a broken model). Under DDP the losses are the global batch's, so every
+        rank takes the same decision.
+        """
+        if torch.isfinite(losses).all():
+            self._nonfinite_streak = 0
+            return True
+        bad = {n: float(v) for n, v in zip(self.tasks, losses.detach().cpu(), strict=True) if not torch.isfinite(v)}
+        batch = self.trainer.fit_loop.epoch_loop.batch_idx if self._trainer is not None else 0
+        where = f"step {self.global_step + 1} (epoch {self.current_epoch}, batch {batch} of the epoch)"
+        fixes = (
+            "Usual fixes: lower the learning rate (optimizer.lr=...), clip gradients (module.gradient_clip_val=1.0), "
+            "or check those tasks' labels and features for extreme values"
+        )
+        if self.nonfinite == "stop":
             raise NonFiniteLossError(
-                f"Non-finite loss for task(s) {bad} at epoch {self.current_epoch}, step {self.global_step}. "
-                "Training stopped so no more time is wasted. Usual fixes: lower the learning rate "
-                "(optimizer.lr=...), clip gradients (module.gradient_clip_val=1.0), or check those tasks' "
-                "labels and features for extreme values."
+                f"Non-finite loss for task(s) {bad} at {where}. Training stopped so no more time is wasted; "
+                f"the last checkpoint before it is kept. {fixes} (or module.nonfinite=skip to skip such steps)."
             )
+        self.nonfinite_skipped += 1
+        self._nonfinite_streak += 1
+        if self._nonfinite_streak >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_streak} consecutive steps had a non-finite loss (the last: task(s) {bad} at "
+                f"{where}); stopping, as the model itself is likely broken (module.max_consecutive_nonfinite="
+                f"{self.max_consecutive_nonfinite}). {fixes}."
+            )
+        if self.nonfinite_skipped <= 10 or self.nonfinite_skipped % 100 == 0:
+            log.warning(
+                "Skipped %s: non-finite loss for task(s) %s (%d skipped so far).", where, bad, self.nonfinite_skipped
+            )
+        if self._trainer is not None:  # cumulative: the value Lightning re-writes at its later writes stays right
+            self.log(
+                "train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False, batch_size=1
+            )
+        return False
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         features, labels = batch["features"], batch["labels"]
         outputs = self.model(features)
-        losses = self._losses(outputs, labels)
-        self._check_finite(losses)
+        local_losses = self._losses(outputs, labels)
+        # under DDP: the global batch's loss values on every rank, this rank's gradients (grads.global_losses);
+        # the NaN check then sees the same values everywhere, so every rank stops at the same step
+        losses = global_losses(local_losses)
+        if not self._check_finite(losses):  # module.nonfinite=skip: this step is skipped
+            return
         shared = self.model.shared_parameters()
         step = self.global_step + 1  # this step's number once opt.step() has run, as the logging below counts
         tracker = self.conflict_tracker
@@ -164,11 +260,17 @@ class MTLModule(pl.LightningModule):
         weighting_norms = conflict_inputs is None or same_tensors(weighting_inputs, conflict_inputs)
         # one task_gradients call for everything needed this step; each consumer takes its columns
         inputs = union_inputs(weighting_inputs, conflict_inputs if measure else None, shared if affinity else None)
-        all_grads = task_gradients(losses, inputs) if inputs else None
-        grads = select_columns(all_grads, inputs, weighting_inputs) if weighting_inputs is not None else None
+        all_grads, widths = None, None
+        if inputs:
+            # under DDP, G of the global batch (identical on every rank) before anything aggregates or measures it
+            all_grads, widths = sync_task_gradients(task_gradients(local_losses, inputs), inputs)
+        grads = select_columns(all_grads, inputs, weighting_inputs, widths) if weighting_inputs is not None else None
         gates = getattr(self.model.backbone, "gate_weights", None) if measure else None  # read before any re-forward
+        if isinstance(gates, Mapping) and world_size() > 1:  # the global batch's gates (rank 0 logs them)
+            gates = {name: gather_batch(g) for name, g in gates.items()}
         opt.zero_grad()
-        weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
+        with self._full_precision():
+            weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
         if self.gradient_clip_val > 0:
             self.clip_gradients(
                 opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
@@ -176,13 +278,20 @@ class MTLModule(pl.LightningModule):
         conflict_logs: dict[str, Tensor] = {}
         affinity_logs: dict[str, Tensor] = {}
         if measure:
-            conflict_logs = self._measure_conflict(
-                select_columns(all_grads, inputs, conflict_inputs), shared, weights, step, gates
-            )
+            with self._full_precision():
+                conflict_logs = self._measure_conflict(
+                    select_columns(all_grads, inputs, conflict_inputs, widths), shared, weights, step, gates
+                )
         if affinity:  # before opt.step(): the lookahead starts from this step's parameters
             lr = next(g["lr"] for g in opt.optimizer.param_groups if any(p is shared[0] for p in g["params"]))
             z = lookahead_affinity(
-                self.model, features, labels, self._losses, shared, select_columns(all_grads, inputs, shared), lr
+                self.model,
+                features,
+                labels,
+                lambda out, lab: mean_over_ranks(self._losses(out, lab)),  # the global batch's lookahead losses
+                shared,
+                select_columns(all_grads, inputs, shared, widths),
+                lr,
             )
             affinity_logs = tracker.update_affinity(z)
         opt.step()
@@ -225,6 +334,12 @@ class MTLModule(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(values, step=step - 1)
 
+    def _full_precision(self) -> torch.autocast:
+        """No autocast: under ``bf16-mixed`` Lightning runs the whole training step in autocast, which would
+        compute the aggregators' Gramians and small solves in bfloat16 (~1e-2 relative error); G is float32.
+        The one real backward is unaffected (backward ops keep the dtypes of their forward)."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _measure_conflict(
         self, grads: Tensor, shared: list[nn.Parameter], weights: Tensor, step: int, gates: Any
     ) -> dict[str, Tensor]:
@@ -239,13 +354,69 @@ class MTLModule(pl.LightningModule):
             values.update(self.conflict_tracker.update_gates(gates))
         return values
 
-    def on_fit_start(self) -> None:
-        if self.weighting.needs_task_grads and str(self.trainer.precision).startswith("16"):
-            # a GradScaler scales the real backward but not the per-task gradients we write into .grad
+    def check_trainer(self, trainer: pl.Trainer) -> None:
+        """Reject trainer settings this training step cannot honour. ``pipeline.train`` calls it before an
+        MLflow run exists; ``on_fit_start`` again, for trainers built elsewhere."""
+        if self.weighting.needs_task_grads and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # a GradScaler scales the real backward (and unscales .grad before the step) but not the per-task
+            # gradients: an update written into .grad from them would be unscaled by the scale it never had
             raise ConfigError(
                 f"{type(self.weighting).__name__} computes per-task gradients, which float16 mixed precision "
-                "(loss scaling) would corrupt; use trainer.precision=bf16-mixed or 32."
+                f"(trainer.precision={trainer.precision}, loss scaling) would corrupt; use "
+                "trainer.precision=bf16-mixed (no loss scaling) or 32."
             )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            # FSDP / DeepSpeed shard parameters and gradients: no rank holds the shared parameters' full
+            # gradients, which the per-task gradient path (grads.py) reads and overwrites
+            raise ConfigError(
+                f"trainer.strategy={type(strategy).__name__} is not supported: MTLModule trains on one device or "
+                "with DDP (trainer=ddp, or trainer.strategy=ddp), which every loss method supports."
+            )
+
+    def on_fit_start(self) -> None:
+        self.check_trainer(self.trainer)
+
+    # -- checkpoints (what resume= restores beyond Lightning's own state; mtl_experiments/checkpoints.py) ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds ``checkpoint["mtl"]``: the MLflow run id, the RNG states, this epoch's train outputs so far
+        (the epoch's train metrics), the non-finite step counts. Refuses to save non-finite parameters: it
+        raises, so no NaN model overwrites ``last.ckpt`` or the best checkpoint."""
+        broken = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise NonFiniteLossError(
+                f"Parameters {broken[:3]} became non-finite by step {self.global_step} although the loss was finite "
+                "(an exploding update); the checkpoint was not written, the last good one is kept. Lower the "
+                "learning rate (optimizer.lr=...) or clip gradients (module.gradient_clip_val=1.0)."
+            )
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        run_id = next((lg._run_id for lg in self.loggers if isinstance(lg, MLFlowLogger)), None)
+        outputs = None
+        # under DDP only rank 0's checkpoint is written, so its outputs would stand for every rank's: not kept
+        if self._train_outputs and self.trainer.world_size == 1:
+            outputs = {
+                key: {name: torch.cat([step[i][name] for step in self._train_outputs]) for name in self.tasks}
+                for i, key in enumerate(("outputs", "labels"))
+            }
+        checkpoint["mtl"] = {
+            "mlflow_run_id": run_id,
+            "rng": rng_state(),
+            "train_outputs": outputs,
+            "nonfinite": [self.nonfinite_skipped, self._nonfinite_streak],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("mtl")
+        if not state or self._trainer is None or self.trainer.state.fn != "fit":
+            return  # loading the best weights for testing is not resuming
+        set_rng_state(state["rng"])
+        outputs = state.get("train_outputs")
+        self._train_outputs = []
+        if outputs:
+            on_device = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in outputs.items()}
+            self._train_outputs = [(on_device["outputs"], on_device["labels"])]
+        self.nonfinite_skipped, self._nonfinite_streak = (int(x) for x in state["nonfinite"])
 
     def on_train_epoch_start(self) -> None:
         self._train_outputs: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
@@ -266,9 +437,9 @@ class MTLModule(pl.LightningModule):
         losses = self._losses(outputs, labels)
         for name, task in self.tasks.items():
             task.update_metrics(self.task_metrics[f"on_{stage}"][name], outputs[name], labels[name])
-        self.log(
-            f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True, batch_size=len(next(iter(labels.values())))
-        )
+        batch_size = len(next(iter(labels.values())))
+        # sync_dist: under DDP the epoch's mean over every rank's batches (one all-reduce per epoch, not per step)
+        self.log(f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -288,7 +459,9 @@ class MTLModule(pl.LightningModule):
         for metric_name, vals in by_metric.items():
             values[f"{stage}/mean_{metric_name}"] = torch.stack(vals).mean()
         if values:
-            self.log_dict(values, on_step=False, on_epoch=True)
+            # torchmetrics' compute() already reduced the states over the ranks, so every rank holds the same
+            # values; sync_dist's mean of equal values keeps them (and silences Lightning's warning)
+            self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         if self.train_metrics and self._train_outputs:

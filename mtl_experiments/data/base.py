@@ -8,7 +8,7 @@ collate (which is several times slower for tabular data).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +91,16 @@ class TensorBatchLoader:
     Shuffling uses its own generator seeded by ``seed`` and the epoch counter, so a run is
     reproducible and independent of the global RNG state. Under data-parallel training each rank
     takes a disjoint share of every epoch's permutation.
+
+    Resumable: epoch e's order is a function of ``(seed, e)`` alone, and the state (``state_dict``,
+    saved by Lightning in every checkpoint, given back by ``load_state_dict`` when it resumes inside an
+    epoch) is the position of the next batch, ``(epoch, batch)``; so a run killed in the middle of an
+    epoch continues with exactly the batches it had not trained on yet, in the same order. Lightning
+    asks a sized loader for exactly one batch per training step (no prefetch), so the batches handed
+    out are the batches trained on when a checkpoint is taken at the end of a step. ``epoch_fn``
+    (the datamodule passes the trainer's epoch) names the epoch each iteration serves: Lightning does
+    not restore the loader's state when it resumes from an end-of-epoch checkpoint, so a counter of
+    our own would restart at epoch 0's order there.
     """
 
     def __init__(
@@ -102,10 +112,14 @@ class TensorBatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        epoch_fn: Callable[[], int] | None = None,
     ):
-        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.split, self.batch_size, self.shuffle, self.epoch_fn = split, batch_size, shuffle, epoch_fn
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.epoch = 0
+        self.epoch = 0  # the epoch the next iteration serves
+        self._skip = 0  # batches of that epoch already trained on (set by load_state_dict)
+        self._current: int | None = None  # the epoch being iterated, and how many of its batches were handed out
+        self._served = 0
         n = _num_rows(split)
         self._rows = n // world_size if world_size > 1 else n
 
@@ -114,19 +128,48 @@ class TensorBatchLoader:
         return full if (self.drop_last or rest == 0) else full + 1
 
     def __iter__(self) -> Iterator[dict]:
+        # a generator: none of this runs before the first batch is requested (Lightning creates the
+        # iterator before the epoch starts, and once just to check the loader is iterable)
+        if self.epoch_fn is not None and self.epoch_fn() != self.epoch:
+            self.epoch, self._skip = self.epoch_fn(), 0
+        epoch, skip = self.epoch, self._skip
+        self.epoch, self._skip = epoch + 1, 0
+        self._current, self._served = epoch, skip
         n = _num_rows(self.split)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = None
-        self.epoch += 1
         if self.world_size > 1:
             order = torch.arange(n) if order is None else order
             order = order[self.rank : self._rows * self.world_size : self.world_size]
-        for b in range(len(self)):
+        for b in range(skip, len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self._rows)
+            self._served = b + 1
             yield _gather(self.split, slice(lo, hi) if order is None else order[lo:hi])
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch"}``: where the next batch comes from; plus what must match on resume."""
+        if self._current is None:
+            epoch, batch = self.epoch, self._skip
+        elif self._served >= len(self):  # the epoch was served completely: the next one starts at 0
+            epoch, batch = self._current + 1, 0
+        else:
+            epoch, batch = self._current, self._served
+        return {"epoch": epoch, "batch": batch, "batch_size": self.batch_size, "rows": self._rows, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        now = {"batch_size": self.batch_size, "rows": self._rows, "seed": self.seed}
+        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]
+        if changed:
+            raise ConfigError(
+                "The checkpoint's batch order cannot be continued: "
+                + ", ".join(f"{k} was {state[k]}, now {now[k]}" for k in changed)
+                + ". Resume with the data settings the run started with (data.batch_size, the dataset size, seed)."
+            )
+        self.epoch, self._skip = int(state["epoch"]), int(state["batch"])
+        self._current, self._served = None, 0
 
 
 class TabularDataModule(pl.LightningDataModule):
@@ -167,7 +210,8 @@ class TabularDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> TensorBatchLoader:
         self.setup()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return TensorBatchLoader(
             self.splits[split],
             self.batch_size if train else self.eval_batch_size,
@@ -175,6 +219,7 @@ class TabularDataModule(pl.LightningDataModule):
             seed=self.shuffle_seed,
             rank=rank,
             world_size=world,
+            epoch_fn=(lambda: trainer.current_epoch) if train and trainer is not None else None,
         )
 
     def train_dataloader(self) -> TensorBatchLoader:

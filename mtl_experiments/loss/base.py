@@ -9,6 +9,11 @@ never asks which method it runs.
 - ``GradientAggregation``: methods that map ``G`` to one update of the shared parameters (PCGrad,
   MGDA, UPGrad, ...); implement ``aggregate(G) -> (update[P], weights[T])``.
 - Anything else (GradNorm: its own weight optimizer) subclasses ``Weighting`` and overrides what it needs.
+
+Under DDP the module hands every rank the same inputs (``losses`` valued as the global batch's means,
+``task_grads`` of the global batch; see ``mtl_experiments/module.py``), so a method only has to be
+deterministic given its inputs and its own seeded generator: each rank then computes the same weights,
+the same update and the same state, and the replicas stay identical without any code of its own.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ class GradientAggregation(Weighting):
             backward_fn((weights.detach().to(losses.dtype) * losses).sum())
             return weights.detach()
         backward_fn(losses.sum())
+        # after the backward (under DDP: after DDP has averaged every gradient): the shared parameters get the
+        # aggregate instead; every rank aggregated the same global G, so nothing needs averaging again
         offset = 0
         for p in shared_params:
             n = p.numel()

@@ -9,8 +9,9 @@ authors' MTAN code averages them), τ the temperature (2 in the paper) and T the
 no history yet and w = 1 (the paper's w_t(1) = w_t(2) = 1). Total = Σ_t w_t(e)·L_t.
 
 State: the running sum and count of the current epoch's raw losses, the last two epoch means and the
-current weights are buffers, so a checkpoint (also one taken mid-epoch) resumes exactly. Under DDP
-with buffer broadcasting (the default), every rank uses rank 0's buffers, i.e. rank 0's epoch means.
+current weights are buffers, so a checkpoint (also one taken mid-epoch) resumes exactly. Under DDP the
+losses this method receives are the global batch's (``grads.global_losses``), so every rank records the
+same epoch means as one process on the whole data would.
 """
 
 from __future__ import annotations

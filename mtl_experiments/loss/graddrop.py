@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.grads import gather_batch, local_rows, world_size
 from mtl_experiments.loss.base import GradientAggregation, effective_weights, run_seed
 from mtl_experiments.tasks import Task
 
@@ -98,16 +99,20 @@ class GradDrop(GradientAggregation):
         rep, self._representation = self._representation, None
         if self.grad_source != "representation" or task_grads is None or task_grads.shape[1] == 0:
             return super().backward(losses, task_grads, shared_params, backward_fn)
-        if rep is None or rep.numel() != task_grads.shape[1]:
+        # under DDP task_grads cover the global batch (grads.sync_task_gradients): so do A and the masks here
+        rep_all = gather_batch(rep) if rep is not None else None
+        if rep_all is None or rep_all.numel() != task_grads.shape[1]:
             raise RuntimeError("GradDrop with grad_source=representation needs task_grad_inputs() called this step.")
-        per_example = task_grads.view(task_grads.shape[0], *rep.shape)  # [T, B, *F]
-        signed = (per_example * rep.detach().sign()).sum(1)  # [T, *F]: sign-corrected, summed over the batch
+        per_example = task_grads.view(task_grads.shape[0], *rep_all.shape)  # [T, B, *F]
+        signed = (per_example * rep_all.sign()).sum(1)  # [T, *F]: sign-corrected, summed over the batch
         leak = self.leak.to(device=task_grads.device, dtype=task_grads.dtype)
         new_grad = sign_dropout(per_example, signed, leak, self._uniform(signed.shape[1:], task_grads))  # [B, *F]
         # one backward: Σ_t L_t gives the heads their own gradients; the extra term turns the gradient
-        # reaching A from Σ_t ∂L_t/∂A into new_grad, which then flows into the shared layers
-        correction = (new_grad - per_example.sum(0)).to(rep.dtype)
-        backward_fn(losses.sum() + (rep * correction).sum())
+        # reaching A from Σ_t ∂L_t/∂A into new_grad, which then flows into the shared layers. Under DDP
+        # this rank's rows only, times the number of ranks (its loss is a mean over 1/world of the batch;
+        # DDP's averaging divides by world again)
+        correction = world_size() * local_rows(new_grad - per_example.sum(0))
+        backward_fn(losses.sum() + (rep * correction.to(rep.dtype)).sum())
         return effective_weights(task_grads, new_grad.reshape(-1)).detach()
 
     def get_extra_state(self) -> dict:

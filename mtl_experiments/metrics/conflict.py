@@ -287,15 +287,20 @@ def same_tensors(a: Sequence[Tensor] | None, b: Sequence[Tensor] | None) -> bool
     return a is not None and b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def select_columns(grads: Tensor, inputs: Sequence[Tensor], wanted: Sequence[Tensor]) -> Tensor:
+def select_columns(
+    grads: Tensor, inputs: Sequence[Tensor], wanted: Sequence[Tensor], widths: Sequence[int] | None = None
+) -> Tensor:
     """The columns of ``grads`` (taken w.r.t. ``inputs``, flattened and concatenated) that belong to
-    ``wanted``, in ``wanted``'s order: e.g. GradNorm's last-layer gradients out of the shared ones."""
+    ``wanted``, in ``wanted``'s order: e.g. GradNorm's last-layer gradients out of the shared ones.
+    ``widths``: each input's number of columns when it is not its ``numel()`` (under DDP a representation's
+    block holds the whole global batch, see ``grads.sync_task_gradients``)."""
     if same_tensors(inputs, wanted):
         return grads
     offsets, offset = {}, 0
-    for t in inputs:
-        offsets[id(t)] = (offset, offset + t.numel())
-        offset += t.numel()
+    for i, t in enumerate(inputs):
+        width = t.numel() if widths is None else widths[i]
+        offsets[id(t)] = (offset, offset + width)
+        offset += width
     blocks = [grads[:, slice(*offsets[id(t)])] for t in wanted]
     return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
@@ -433,6 +438,29 @@ class ConflictTracker(nn.Module):
                 self.config.affinity_every_n_steps,
             )
         return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The metrics' sum/count states (torchmetrics keeps them out of ``state_dict``), the epoch start and
+        the history, so a resumed run continues its running rates, summaries and plots."""
+        metrics = {f"metrics.{k}": m for k, m in self.metrics.items()}
+        metrics.update({f"gate_entropy.{k}": m for k, m in self.gate_entropy.items()})
+        metrics.update({f"expert_utilisation.{k}": m for k, m in self.expert_utilisation.items()})
+        return {
+            "metrics": {k: [m.sum, m.count] for k, m in metrics.items()},
+            "epoch_start": {k: list(v) for k, v in self._epoch_start.items()},
+            "history": [list(h) for h in self.history],
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        for key, (total, count) in state["metrics"].items():
+            group, name = key.split(".", 1)
+            if group == "expert_utilisation" and name not in self.expert_utilisation:
+                self.expert_utilisation[name] = ExpertUtilisation(total.shape[-1])
+            metric = getattr(self, group)[name]
+            metric.sum, metric.count = total.to(metric.sum.device), count.to(metric.count.device)
+        self._epoch_start = {k: (v[0], v[1]) for k, v in state["epoch_start"].items()}
+        self.history = [(int(h[0]), h[1], h[2]) for h in state["history"]]
 
     def mean_cosine(self) -> Tensor | None:
         m = self.metrics["cosine"]

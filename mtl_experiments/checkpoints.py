@@ -1,0 +1,234 @@
+"""Checkpoints for resuming: ``last.ckpt`` written often enough that a kill loses minutes, not hours,
+and ``resume=<run id | checkpoint path>`` turned into the checkpoint and MLflow run to continue.
+
+A Lightning checkpoint holds the model, optimizer and scheduler states, the loops' progress, the
+callbacks' states (best score, early-stopping patience), the train loader's position
+(``TensorBatchLoader.state_dict``) and what ``MTLModule.on_save_checkpoint`` adds (RNG states, the
+epoch's train outputs so far, the MLflow run id). The weighting's state (learned weights, histories,
+inner optimisers, generators) is part of the module's ``state_dict``. Everything in it is tensors and
+plain containers, so it is loaded with ``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mtl_experiments.errors import ConfigError
+
+log = logging.getLogger(__name__)
+RUN_ID_KEY = "mtl"  # checkpoint["mtl"]["mlflow_run_id"]: the run a checkpoint belongs to
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt``, the state ``resume=`` continues from.
+
+    Written after every training epoch (after validation and the epoch-end hooks: DWA's history,
+    the scheduler step) and, inside an epoch, every ``every_n_train_steps`` optimizer steps and every
+    ``every_n_minutes`` minutes of training, whichever comes first (0 / null: off). Lightning's own
+    ``train_time_interval`` is ignored under manual optimization (which every method here uses), hence
+    this class. A step checkpoint is taken after the optimizer step, so it is consistent: parameters,
+    optimizer, loop counters and loader position all describe the same finished step.
+
+    ``log_to_mlflow``: also upload ``last.ckpt`` (each time it is written) and the best checkpoint of the
+    monitoring ``ModelCheckpoint`` (each time it improves) as the run's artifacts
+    ``checkpoints/{last,best}.ckpt``, so ``resume=<run id>`` works on another machine.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 0,
+        every_n_minutes: float | None = 5.0,
+        log_to_mlflow: bool = False,
+    ):
+        if int(every_n_train_steps) < 0 or (every_n_minutes is not None and float(every_n_minutes) < 0):
+            raise ConfigError(
+                "callbacks.last_checkpoint.every_n_train_steps and every_n_minutes must be >= 0 (0 or null: off), "
+                f"got {every_n_train_steps} and {every_n_minutes}."
+            )
+        super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, enable_version_counter=False)
+        self.every_n_steps = int(every_n_train_steps)
+        self.every_n_minutes = float(every_n_minutes) if every_n_minutes else None
+        self.log_to_mlflow = bool(log_to_mlflow)
+        self._last_time = time.monotonic()
+        self._saved_at: tuple[int, int] | None = None  # (epoch, batches stepped) of the last save
+        self._uploaded_best: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"  # stable when every_n_* change between a run and its resume
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_time = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # the epoch's checkpoint follows (after validation); Lightning cannot resume exactly from a
+            # checkpoint taken between an epoch's last step and its validation (it skips both)
+            return
+        by_steps = self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0
+        by_time = False
+        if self.every_n_minutes is not None:
+            by_time = trainer.strategy.broadcast(time.monotonic() - self._last_time >= 60 * self.every_n_minutes)
+        if by_steps or by_time:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+        if self.log_to_mlflow:
+            self._upload_best(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing: the epoch's checkpoint is written at the end of the training epoch, after validation."""
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        # global_step does not move on a skipped (non-finite) step; this position does
+        position = (trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.global_step)
+        if self._saved_at == position:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._saved_at, self._last_time = position, time.monotonic()
+        if self.log_to_mlflow and trainer.is_global_zero:
+            _upload(trainer, self.last_model_path, "last.ckpt")
+
+    def _upload_best(self, trainer: pl.Trainer) -> None:
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), "")
+        if trainer.is_global_zero and best and best != self._uploaded_best and Path(best).is_file():
+            _upload(trainer, best, "best.ckpt")
+            self._uploaded_best = best
+
+
+def _upload(trainer: pl.Trainer, path: str, name: str) -> None:
+    """``path`` as the artifact ``checkpoints/<name>`` of the run (through the buffering logger)."""
+    import tempfile
+
+    from mtl_experiments import tracking
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, tracking.MLFlowLogger)]
+    if not loggers:
+        log.warning("callbacks.last_checkpoint.log_to_mlflow=true but no MLflow logger is configured.")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).symlink_to(Path(path).resolve())
+        try:
+            tracking.log_artifacts(loggers[0], tmp, tracking.CHECKPOINT_ARTIFACTS)
+        except Exception as e:  # noqa: BLE001 - the local checkpoint exists; an upload must not stop training
+            log.warning("Could not upload %s to MLflow: %s", path, e)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as tensors and plain containers (``weights_only=True``: no pickled code runs);
+    memory-mapped, so reading its metadata does not read its tensors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, or holding objects we refuse to unpickle
+        raise ConfigError(
+            f"Cannot load the checkpoint {path} safely: {str(e).splitlines()[0][:300]}. It must be a checkpoint "
+            "written by this project (tensors and plain containers, loaded with torch.load(weights_only=True))."
+        ) from None
+
+
+def safe_loading(method) -> dict[str, bool]:
+    """``weights_only=True`` for ``Trainer.fit`` / ``test`` where Lightning takes it (2.5+; before, torch's
+    default applies, and ``resolve`` has already read the resumed checkpoint with weights_only=True)."""
+    return {"weights_only": True} if "weights_only" in inspect.signature(method).parameters else {}
+
+
+@dataclass
+class Resume:
+    """What ``resume=`` continues: the checkpoint file, and the MLflow run it belongs to (if any)."""
+
+    checkpoint: Path
+    run_id: str | None
+    run: Any = None  # mlflow Run, when it is in this store
+    dirpaths: dict[str, str] = field(default_factory=dict)  # callback state key -> its checkpoint folder
+
+    def apply(self, callbacks: Sequence[Any]) -> None:
+        """Point each ``ModelCheckpoint`` at the folder its saved state refers to, so the best score, the
+        best file and ``last.ckpt`` carry on in one place (Lightning drops the best score if it moved).
+        A checkpoint from elsewhere whose folder is gone (downloaded from MLflow, copied) is relocated."""
+        for cb in callbacks:
+            if not isinstance(cb, ModelCheckpoint) or cb.state_key not in self.dirpaths:
+                continue
+            saved = self.dirpaths[cb.state_key]
+            if Path(saved).is_dir():
+                cb.dirpath = saved
+            elif cb.dirpath is not None:
+                log.warning("The checkpoint folder %s is gone: new checkpoints go to %s.", saved, cb.dirpath)
+
+
+def resolve(value: str, tracking_uri: str | None, download_to: Path) -> Resume:
+    """``resume=<value>``: an existing checkpoint file, else an MLflow run id (its last checkpoint; if only
+    its artifacts have one, it is downloaded into ``download_to``). Checked before any data is loaded."""
+    from mtl_experiments import tracking
+
+    value = str(value)
+    path = Path(value).expanduser()
+    run = None
+    if path.is_file():
+        ckpt_path = path.resolve()
+    elif tracking_uri is not None and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        run = tracking.get_run(tracking_uri, value)
+        ckpt_path = tracking.run_checkpoint(tracking_uri, run, download_to)
+    else:
+        raise ConfigError(
+            f"resume={value}: no such checkpoint file, and not an MLflow run id (32 hex characters, the Run ID in "
+            "the MLflow UI)" + ("" if tracking_uri else " (no MLflow logger is configured to look it up)") + "."
+        )
+    ckpt = load(ckpt_path)
+    missing = [k for k in ("state_dict", "loops", "optimizer_states") if k not in ckpt]
+    if missing:
+        raise ConfigError(
+            f"resume: {ckpt_path} is not a full training checkpoint (no {', '.join(missing)}); weights-only files "
+            "cannot continue a run."
+        )
+    run_id = (ckpt.get(RUN_ID_KEY) or {}).get("mlflow_run_id")
+    if run is not None and run_id not in (None, run.info.run_id):
+        log.warning("%s was written by run %s, not %s; continuing run %s.", ckpt_path, run_id, value, value)
+    if run is None and run_id and tracking_uri is not None:
+        try:
+            run = tracking.get_run(tracking_uri, run_id)
+        except ConfigError:
+            log.warning("Run %s of %s is not in this store: a new MLflow run is started.", run_id, ckpt_path)
+    states = ckpt.get("callbacks") or {}
+    dirpaths = {k: v["dirpath"] for k, v in states.items() if isinstance(v, dict) and v.get("dirpath")}
+    if ckpt_path.parent == download_to.resolve():  # downloaded: continue next to the copies
+        del ckpt
+        _relocate(ckpt_path)
+        dirpaths = {k: str(ckpt_path.parent) for k in dirpaths}
+    return Resume(ckpt_path, run.info.run_id if run is not None else None, run, dirpaths)
+
+
+def _relocate(ckpt_path: Path) -> None:
+    """Rewrite the callbacks' file paths in a downloaded checkpoint to its folder (best.ckpt, last.ckpt)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    folder = ckpt_path.parent
+    best = folder / "best.ckpt"
+    for state in (ckpt.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or "dirpath" not in state:
+            continue
+        state["dirpath"] = str(folder)
+        if state.get("last_model_path"):
+            state["last_model_path"] = str(folder / "last.ckpt")
+        if state.get("best_model_path"):
+            state["best_model_path"] = str(best) if best.is_file() else ""
+            score = state.get("best_model_score")
+            state["best_k_models"] = {str(best): score} if best.is_file() and score is not None else {}
+            state["kth_best_model_path"] = state["best_model_path"]
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(ckpt_path)

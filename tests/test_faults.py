@@ -1,0 +1,250 @@
+"""Failures during a run: non-finite losses (stop / skip), non-finite parameters (no checkpoint written),
+an unreachable tracking store at start (fails before data loading) and one that disappears mid-run (the
+training finishes, the values wait in a local fallback, and reach the run when the store is back)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mtl_experiments import tracking
+from mtl_experiments.checkpoints import load
+from mtl_experiments.errors import NonFiniteLossError, TrackingError
+from mtl_experiments.pipeline import train
+from tests.conftest import ROOT, free_port
+
+STEP_CHECKPOINTS = ["callbacks.last_checkpoint.every_n_train_steps=5", "callbacks.last_checkpoint.every_n_minutes=null"]
+
+
+class PoisonLabels(pl.Callback):
+    """Fault injection for tests: NaN labels for ``task`` in the training batches number ``batches``
+    (counted over the whole run from 0), so exactly that task's loss is NaN there."""
+
+    def __init__(self, task: str, batches: list[int]):
+        self.task, self.batches = task, set(batches)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx in self.batches:
+            batch["labels"][self.task].fill_(float("nan"))  # a gathered copy: the dataset is untouched
+
+
+class BreakParameters(pl.Callback):
+    """Fault injection for tests: a NaN weight after optimizer step ``step`` (an update that exploded)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).view(-1)[0] = float("nan")
+
+
+class KillServerAt(pl.Callback):
+    """Fault injection for tests: SIGKILL the tracking server (process group ``pgid``) after step ``step``."""
+
+    def __init__(self, pgid: int, step: int):
+        self.pgid, self.step = pgid, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.killpg(self.pgid, signal.SIGKILL)
+
+
+def poison(task: str, batches: str) -> list[str]:
+    return [
+        "+callbacks.poison._target_=tests.test_faults.PoisonLabels",
+        f"+callbacks.poison.task={task}",
+        f"+callbacks.poison.batches={batches}",
+    ]
+
+
+# -- non-finite losses and parameters ------------------------------------------------------------------
+def test_nan_loss_stops_naming_the_task_and_step_and_keeps_the_last_good_checkpoint(make_cfg, mlflow_runs, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"task\(s\) \{'y2': nan\} at step 13 \(epoch 0, batch 12"):
+        train(make_cfg(*STEP_CHECKPOINTS, *poison("y2", "[12]")))
+    (run,) = mlflow_runs()
+    assert run.info.status == "FAILED"
+    last = load(tmp_path / "out" / "checkpoints" / "last.ckpt")  # loads with weights_only=True
+    assert last["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if isinstance(v, torch.Tensor))
+
+
+def test_nan_loss_skip_counts_the_skipped_steps_and_finishes(make_cfg, mlflow_runs, tracking_uri, caplog):
+    with caplog.at_level(logging.WARNING):
+        train(make_cfg(*poison("y1", "[3,4,30]"), "module.nonfinite=skip", "trainer.max_epochs=2"))
+    (run,) = mlflow_runs()
+    assert run.info.status == "FINISHED"
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/nonfinite_skipped")
+    assert max(m.value for m in history) == 3
+    assert "Skipped step 4 (epoch 0, batch 3 of the epoch): non-finite loss for task(s) {'y1': nan}" in caplog.text
+    assert run.data.metrics["test/y1/auroc"] > 0.7  # the skipped batches did not poison the model
+
+
+def test_nan_loss_skip_stops_after_too_many_in_a_row(make_cfg, mlflow_runs):
+    batches = str(list(range(5, 30)))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a non-finite loss"):
+        train(make_cfg(*poison("y1", batches), "module.nonfinite=skip", "module.max_consecutive_nonfinite=3"))
+    (run,) = mlflow_runs()
+    assert run.info.status == "FAILED"
+
+
+def test_non_finite_parameters_are_never_checkpointed(make_cfg, mlflow_runs, tmp_path):
+    breaker = ["+callbacks.breaker._target_=tests.test_faults.BreakParameters", "+callbacks.breaker.step=10"]
+    with pytest.raises(NonFiniteLossError, match="became non-finite by step 10 although the loss was finite"):
+        train(make_cfg(*STEP_CHECKPOINTS, *breaker))
+    assert load(tmp_path / "out" / "checkpoints" / "last.ckpt")["global_step"] == 5  # not overwritten
+    assert [r.info.status for r in mlflow_runs()] == ["FAILED"]
+
+
+def test_bad_nonfinite_policy_is_a_config_error(make_cfg):
+    from mtl_experiments.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="module.nonfinite must be one of"):
+        train(make_cfg("module.nonfinite=ignore"))
+
+
+# -- the tracking store --------------------------------------------------------------------------------
+def test_unreachable_server_fails_before_data_is_loaded(make_cfg, monkeypatch, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # the dataset's files do not exist either: the tracking error comes first, so no data was loaded
+    cfg = make_cfg(
+        "logger.mlflow.tracking_uri=null", "data=census_income", f"data.root={tmp_path / 'none'}", tiny=False
+    )
+    with pytest.raises(TrackingError, match=f"tracking server {uri} cannot be reached"):
+        train(cfg)
+
+
+class Server:
+    """A real `mlflow server` on 127.0.0.1:``port`` over one SQLite file; can be killed and started again."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.uri, self.proc = folder, port, f"http://127.0.0.1:{port}", None
+
+    def start(self) -> Server:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'server.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+            "--workers",
+            "1",
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "server", free_port()).start()
+    yield s
+    s.stop()
+
+
+@pytest.mark.slow
+def test_server_lost_mid_run_training_finishes_and_the_values_are_replayed(
+    server, make_cfg, monkeypatch, caplog, tmp_path
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    killer = [
+        "+callbacks.kill._target_=tests.test_faults.KillServerAt",
+        f"+callbacks.kill.pgid={server.proc.pid}",
+        "+callbacks.kill.step=12",
+    ]
+    with caplog.at_level(logging.WARNING):
+        best = train(make_cfg("logger.mlflow.tracking_uri=null", *killer))
+    assert best is not None  # trained, validated, tested: the outage did not stop anything
+    fallback = tmp_path / "out" / "mlflow_fallback"
+    assert f"Training continues; metrics now go to {fallback}" in caplog.text
+    assert f"python -m mtl_experiments.tracking replay {fallback}" in caplog.text
+    assert "test/y1/auroc" in (fallback / "metrics.jsonl").read_text()
+
+    server.start()  # the server comes back (same database)
+    client = MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mtl-experiments").experiment_id])
+    assert run.info.status == "RUNNING"  # what the UI shows until the fallback is replayed
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss/y1")) <= 12
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mtl_experiments.tracking", "replay", str(fallback)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss/y1"), key=lambda m: m.step)]
+    assert steps == list(range(4, 75, 5))  # every logged step once, before and after the outage
+    assert "test/y1/auroc" in run.data.metrics and "best/val/mean_auroc" in run.data.metrics
+    again = subprocess.run(
+        [sys.executable, "-m", "mtl_experiments.tracking", "replay", str(fallback)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Uploaded 0 metric values" in again.stdout  # idempotent
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_are_never_logged(server, make_cfg, monkeypatch, capsys):
+    """A team server behind basic auth: user:password in the URI reach the server, never the run's record."""
+    uri = server.uri.replace("http://", "http://alice:s3cret@")
+    train(make_cfg(f"logger.mlflow.tracking_uri={uri}", "trainer.max_epochs=1"))
+    client = MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mtl-experiments").experiment_id])
+    config = Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text()
+    logged = [*run.data.params.values(), *run.data.tags.values(), config, capsys.readouterr().err]
+    assert not any("s3cret" in str(text) for text in logged)
+    assert run.data.params["logger.mlflow.tracking_uri"] == server.uri.replace("http://", "http://***@")
+
+
+@pytest.mark.slow
+def test_logger_flushes_its_buffer_when_the_server_is_back(server):
+    tracking.ensure_experiment(server.uri, "flush")
+    logger = tracking.ResilientMLFlowLogger(experiment_name="flush", tracking_uri=server.uri, retry_every_s=0)
+    logger.log_metrics({"a": 1.0}, step=0)
+    server.stop()
+    logger.log_metrics({"a": 2.0}, step=1)
+    assert logger.offline and logger.unflushed == 1
+    server.start()
+    logger.log_metrics({"a": 3.0}, step=2)
+    assert not logger.offline and logger.unflushed == 0
+    history = MlflowClient(server.uri).get_metric_history(logger.run_id, "a")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert "were written to run" in logger.summary()
