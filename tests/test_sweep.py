@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mtl_experiments import tracking
 from mtl_experiments.pipeline import train
-from mtl_experiments.sweep import MLflowSweepCallback
+from mtl_experiments.sweep import FAILED_JOB_TAG, FAILED_OVERRIDES_TAG, SUMMARY_ARTIFACT, MLflowSweepCallback
 from tests.conftest import ROOT, compose_cfg
 
 # The smallest sweep job that still trains, validates, checkpoints and tests (about 2 s each).
@@ -55,6 +56,9 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
     assert parent.info.run_name == "sweep-sweep"
     assert parent.data.params["sweep.loss"] == "equal,fixed" and parent.data.params["sweep.seed"] == "0,1"
     assert parent.data.metrics["sweep/children"] == 4
+    assert (parent.data.metrics["sweep/jobs"], parent.data.metrics["sweep/failed_jobs"]) == (4, 0)
+    assert FAILED_OVERRIDES_TAG not in parent.data.tags
+    assert "Sweep sweep-sweep FINISHED: 4 job(s), 4 finished, 0 failed" in proc.stdout
     assert "loss=equal,fixed seed=0,1" in parent.data.tags["overrides"]
 
     assert len(children) == 4
@@ -74,21 +78,52 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
     ]
 
 
-def test_a_failed_job_fails_the_parent(tmp_path):
-    """data.correlation=2.0 fails config validation before its run exists. cli.py turns that error into
-    exit code 2, which stops Hydra's basic launcher at once (it would continue after an ordinary
-    exception and re-raise it at the end of the batch): the 0.5 job never runs, and the parent, never
-    reaching on_multirun_end, is ended FAILED by the callback's atexit handler."""
+def summary_artifact(uri: str, run_id: str) -> dict:
+    """The parent's ``sweep_summary.json``."""
+    import json
+
+    path = MlflowClient(uri).download_artifacts(run_id, SUMMARY_ARTIFACT)
+    return json.loads(Path(path).read_text())
+
+
+def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp_path):
+    """Basic launcher, 4 jobs: two fail config validation before their run exists (data.correlation=2),
+    one fails in training with a FAILED run (lr=1e30 makes the loss NaN at the first step), one finishes.
+    Hydra runs every job of the batch, then re-raises the first failure (exit code != 0), so the parent
+    is ended and summarised by the callback's atexit handler."""
     uri = f"sqlite:///{tmp_path / 'env.db'}"
-    proc = multirun(tmp_path, "data.correlation=2.0,0.5", tracking_uri=uri)
+    proc = multirun(tmp_path, "data.correlation=2.0,0.5", "optimizer.lr=1e30,0.001", tracking_uri=uri)
     assert proc.returncode != 0
     assert "data.correlation must lie in [-1, 1]" in proc.stderr
+    assert not (tmp_path / tracking.DEFAULT_DB).exists()  # the environment variable chose the store
     (parent,), children = all_runs(uri)
     assert parent.info.status == "FAILED"
-    assert not (tmp_path / tracking.DEFAULT_DB).exists()  # the environment variable chose the store
-    # no run for the invalid job; any job that ran is a finished child
-    assert all(c.data.params["data.correlation"] == "0.5" and c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    # only the two valid configs made runs; the other jobs still ran after the failures
+    status = {(c.data.params["data.correlation"], c.data.params["optimizer.lr"]): c.info.status for c in children}
+    assert status == {("0.5", "0.001"): "FINISHED", ("0.5", "1e+30"): "FAILED"}
+
+    metrics = parent.data.metrics
+    assert (metrics["sweep/jobs"], metrics["sweep/finished_jobs"], metrics["sweep/failed_jobs"]) == (4, 1, 3)
+    assert (metrics["sweep/children"], metrics["sweep/failed_children"]) == (2, 1)
+    job_tags = sorted(k for k in parent.data.tags if k.startswith(FAILED_JOB_TAG))
+    assert job_tags == [f"{FAILED_JOB_TAG}{i}" for i in range(3)]
+    failed_tag = parent.data.tags[FAILED_OVERRIDES_TAG]
+    assert failed_tag.count("data.correlation=2.0") == 2 and "data.correlation=0.5 optimizer.lr=1e+30" in failed_tag
+
+    summary = summary_artifact(uri, parent.info.run_id)
+    assert (summary["status"], summary["jobs"], summary["finished_jobs"], summary["failed_jobs"]) == ("FAILED", 4, 1, 3)
+    by_job = {f["job"]: f for f in summary["failed"]}
+    assert sorted(by_job) == [0, 1, 2]
+    assert by_job[0]["run_id"] is None and by_job[0]["error"].startswith("ConfigError: data.correlation must lie")
+    assert by_job[0]["swept"] == {"data.correlation": "2.0", "optimizer.lr": "1e+30"}
+    nan_run = next(c for c in children if c.info.status == "FAILED")
+    assert (by_job[2]["run_id"], by_job[2]["status"]) == (nan_run.info.run_id, "FAILED") and by_job[2]["error"]
+    (finished,) = summary["finished"]
+    assert finished["status"] == "FINISHED" and "optimizer.lr=0.001" in finished["overrides"]
+    # and on the console, at the end
+    assert "Sweep sweep-sweep FAILED: 4 job(s), 1 finished, 3 failed" in proc.stderr
+    assert "failed job #2 [data.correlation=0.5 optimizer.lr=1e+30] (run " in proc.stderr
 
 
 def _sweep_cfg(tmp_path: Path, *overrides: str):
@@ -114,9 +149,21 @@ def test_callback_ends_the_parent_and_restores_the_environment(tmp_path, monkeyp
     failed = MLflowSweepCallback()
     failed.on_multirun_start(cfg)
     pid = os.environ[tracking.PARENT_RUN_ENV]
-    failed.on_job_end(cfg, JobReturn(status=JobStatus.FAILED))
+    # what a parallel launcher's worker gets: the callback pickled, without its store connection, and
+    # maybe an environment without the parent's id, which the job's start sets again
+    worker = pickle.loads(pickle.dumps(failed))
+    assert worker._client is None and worker._parent_id == pid
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV)
+    worker.on_job_start(cfg)
+    assert os.environ[tracking.PARENT_RUN_ENV] == pid
+    worker.on_job_end(cfg, JobReturn(overrides=["seed=7"], status=JobStatus.FAILED, _return_value=ValueError("bad")))
+    assert client.get_run(pid).data.tags[f"{FAILED_JOB_TAG}0"]  # recorded by the worker, on the parent
     failed.on_multirun_end(cfg)
-    assert client.get_run(pid).info.status == "FAILED"
+    run = client.get_run(pid)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["sweep/failed_jobs"] == 1 and run.data.tags[FAILED_OVERRIDES_TAG] == "seed=7"
+    assert summary_artifact(client.tracking_uri, pid)["failed"][0]["error"] == "ValueError: bad"
+    assert os.environ[tracking.PARENT_RUN_ENV] == "outer"
 
     crashed = MLflowSweepCallback()  # on_multirun_end never runs: the atexit handler ends it
     crashed.on_multirun_start(cfg)
