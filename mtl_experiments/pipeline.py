@@ -136,7 +136,8 @@ def _build_loggers(
                     if checkpoint_dir
                     else {}
                 ),
-                **(factory.keywords.get("tags") or {}),
+                # user tags; a dotted key from the command line (tags.team.name=x) arrives nested: flatten it
+                **{k: str(v) for k, v in tracking.flatten(factory.keywords.get("tags") or {}).items()},
             }
             run_name = factory.keywords.get("run_name") or "-".join(
                 [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"]

@@ -98,3 +98,12 @@ def test_scheduler_options_train(make_cfg, mlflow_runs):
     for scheduler in options("scheduler"):
         train(make_cfg(f"scheduler={scheduler}", "trainer.max_epochs=2", f"run_name={scheduler}"))
     assert sorted(r.info.status for r in mlflow_runs()) == ["FINISHED"] * len(options("scheduler"))
+
+
+def test_user_tags_with_dotted_keys_are_flattened(make_cfg, mlflow_runs):
+    """'logger.mlflow.tags.team.name=x' arrives as a nested dict; MLflow needs flat string tags (a nested one
+    used to crash the run inside SQLAlchemy)."""
+    train(make_cfg("+logger.mlflow.tags.team.name=recsys", "+logger.mlflow.tags.owner=ana", "trainer.max_epochs=1"))
+    (run,) = mlflow_runs()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["team.name"] == "recsys" and run.data.tags["owner"] == "ana"
