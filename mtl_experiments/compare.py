@@ -38,9 +38,13 @@ from mtl_experiments.errors import ConfigError, MTLError, TrackingError
 
 # Params that follow the run's seed: runs differing only in these are repeats of one configuration.
 SEED_PARAMS = frozenset({"seed", "data.shuffle_seed", "loss.seed"})
-# Params that differ per run but are not configuration (output locations, a resumed checkpoint).
+# Params that differ per run but are not configuration (output locations, a resumed checkpoint, names and
+# tags the user gives runs): runs differing only in these still group together.
 PER_RUN_PARAMS = frozenset(
     {
+        "run_name",
+        "logger.mlflow.run_name",
+        "logger.mlflow.tracking_uri",
         "paths.output_dir",
         "trainer.default_root_dir",
         "callbacks.model_checkpoint.dirpath",
@@ -49,7 +53,7 @@ PER_RUN_PARAMS = frozenset(
         "resume",
     }
 )
-PER_RUN_PREFIXES = ("hydra.",)
+PER_RUN_PREFIXES = ("hydra.", "logger.mlflow.tags")
 # Choice tags always shown; other Hydra choice tags are shown when they vary.
 MAIN_CHOICES = ("data", "backbone", "loss")
 PARENT_TAG = "mlflow.parentRunId"

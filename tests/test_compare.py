@@ -309,3 +309,12 @@ def test_train_against_a_real_server_and_compare_over_http(mlflow_server, make_c
     assert compare.NO_BASELINE in out
     table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
     assert 0.5 < table.loc[0, "test/y1/auroc_mean"] <= 1.0
+
+
+def test_run_names_and_user_tags_do_not_split_a_group():
+    from mtl_experiments.compare import group_key
+
+    base = {"data.correlation": "0.5", "loss._target_": "x", "seed": "0", "logger.mlflow.tags": "{}"}
+    tagged = {**base, "seed": "1", "run_name": "mine", "logger.mlflow.tags.owner": "ana", "logger.mlflow.tags": "x"}
+    assert group_key(base) == group_key(tagged)
+    assert group_key(base) != group_key({**base, "data.correlation": "0.9"})
