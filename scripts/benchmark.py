@@ -312,11 +312,9 @@ class StepTimer(pl.Callback):
         self.steps += 1
 
 
-def lightning_fit(
-    cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=(), log_every_n_steps: int = 50
-) -> float:
-    module = build_module(cfg, datamodule)
-    trainer = pl.Trainer(
+def bare_trainer(epochs: int, callbacks=(), log_every_n_steps: int = 50) -> pl.Trainer:
+    """A CPU Trainer that only trains: no logger, checkpoints, progress bar, summary or validation."""
+    return pl.Trainer(
         callbacks=list(callbacks),
         max_epochs=epochs,
         log_every_n_steps=log_every_n_steps,
@@ -329,6 +327,13 @@ def lightning_fit(
         accelerator="cpu",
         devices=1,
     )
+
+
+def lightning_fit(
+    cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=(), log_every_n_steps: int = 50
+) -> float:
+    module = build_module(cfg, datamodule)
+    trainer = bare_trainer(epochs, callbacks, log_every_n_steps)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     return time.perf_counter() - start
@@ -617,18 +622,7 @@ class EpochTimer(pl.Callback):
 def train_for(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> tuple[MTLModule, list[float]]:
     """A freshly seeded module trained ``epochs`` epochs by Trainer.fit (no validation); seconds per epoch."""
     module, timer = build_module(cfg, datamodule), EpochTimer()
-    trainer = pl.Trainer(
-        callbacks=[timer],
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = bare_trainer(epochs, [timer])
     trainer.fit(module, datamodule=datamodule)
     return module, timer.seconds
 
