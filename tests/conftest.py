@@ -177,49 +177,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1:``port`` over one SQLite file in ``folder``; can be killed and
+    started again (the fault tests do), its stderr in ``folder/server.log`` for the start-up error."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.uri, self.proc = folder, port, f"http://127.0.0.1:{port}", None
+
+    def start(self) -> MlflowServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}"]
+        cmd += ["--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"]
+        with open(self.folder / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    tail = (self.folder / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {tail}") from None
+                time.sleep(0.5)
+
+    def stop(self, graceful: bool = False) -> None:
+        """SIGTERM first when ``graceful`` (then SIGKILL after 20 s), else SIGKILL: a crash, as the fault tests need."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root; stopped afterwards."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path, free_port()).start()
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.5)
-        yield uri
+        yield server.uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop(graceful=True)
 
 
 # ---- recsys_synthetic and tabular datasets --------------------------------------------------------

@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,7 +20,7 @@ from mtl_experiments import tracking
 from mtl_experiments.checkpoints import load
 from mtl_experiments.errors import NonFiniteLossError, TrackingError
 from mtl_experiments.pipeline import train
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, MlflowServer, free_port
 
 STEP_CHECKPOINTS = ["callbacks.last_checkpoint.every_n_train_steps=5", "callbacks.last_checkpoint.every_n_minutes=null"]
 
@@ -127,49 +125,9 @@ def test_unreachable_server_fails_before_data_is_loaded(make_cfg, monkeypatch, t
         train(cfg)
 
 
-class Server:
-    """A real `mlflow server` on 127.0.0.1:``port`` over one SQLite file; can be killed and started again."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port, self.uri, self.proc = folder, port, f"http://127.0.0.1:{port}", None
-
-    def start(self) -> Server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--backend-store-uri",
-            f"sqlite:///{self.folder / 'server.db'}",
-            "--artifacts-destination",
-            str(self.folder / "artifacts"),
-            "--workers",
-            "1",
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def server(tmp_path):
-    s = Server(tmp_path / "server", free_port()).start()
+    s = MlflowServer(tmp_path / "server", free_port()).start()
     yield s
     s.stop()
 
