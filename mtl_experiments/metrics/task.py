@@ -32,3 +32,29 @@ class BinaryLogLoss(Metric):
 
     def compute(self) -> Tensor:
         return self.total / self.count
+
+
+class MulticlassLogLoss(Metric):
+    """Mean negative log-likelihood of the true class: -mean(log p_y), p = predicted class probabilities [B, C].
+
+    p_y is clamped to [eps, 1] (eps=1e-15, as ``BinaryLogLoss``) so a confident mistake gives a large but finite
+    value.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, eps: float = 1e-15, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = eps
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        p = preds.double().gather(1, target.long().view(-1, 1)).squeeze(1).clamp(self.eps, 1.0)
+        self.total += -p.log().sum()
+        self.count += p.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count

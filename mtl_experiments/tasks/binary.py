@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,12 +11,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from mtl_experiments.errors import DataError
+from mtl_experiments.metrics.grouped import GroupedAUROC
 from mtl_experiments.metrics.task import BinaryLogLoss
 from mtl_experiments.tasks.base import Task
 
 
 class BinaryTask(Task):
-    """Labels in {0, 1}; metrics AUROC, log loss and accuracy (threshold 0.5)."""
+    """Labels in {0, 1}; metrics ``auroc``, ``logloss``, ``accuracy`` (threshold 0.5) and, when ``group_by`` is set
+    (batches carry user ids), ``gauc``: grouped AUC over the ``context[group_by]`` ids (metrics/grouped.py)."""
 
     kind = "binary"
     loss_type = "classification"
@@ -28,10 +32,17 @@ class BinaryTask(Task):
         return torch.sigmoid(output.squeeze(-1).double())
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"auroc": BinaryAUROC(), "logloss": BinaryLogLoss(), "accuracy": BinaryAccuracy()})
+        metrics = {"auroc": BinaryAUROC(), "logloss": BinaryLogLoss(), "accuracy": BinaryAccuracy()}
+        if self.group_by is not None:
+            metrics["gauc"] = GroupedAUROC()
+        return MetricCollection(metrics)
 
-    def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor) -> None:
-        metrics.update(self.predict(output.detach()), target.long())
+    def update_metrics(
+        self, metrics: MetricCollection, output: Tensor, target: Tensor, context: Mapping[str, Tensor] | None = None
+    ) -> None:
+        groups = (context or {}).get(self.group_by) if self.group_by is not None else None
+        # the collection passes keyword arguments only to the metrics whose update() takes them (gauc)
+        metrics.update(self.predict(output.detach()), target.long(), groups=groups)
 
     def validate_labels(self, labels: Tensor, split: str) -> None:
         super().validate_labels(labels, split)
