@@ -58,6 +58,7 @@ from mtl_experiments.metrics.conflict import (
     union_inputs,
 )
 from mtl_experiments.model import MultiTaskModel
+from mtl_experiments.optimizer.sparse_adam import check_sparse_training
 from mtl_experiments.tasks import Task
 
 STAGES = ("train", "val", "test")
@@ -112,6 +113,9 @@ class MTLModule(pl.LightningModule):
     parameter group without weight decay (decaying log-variances or task weights changes the method).
     ``conflict``: ``{every_n_steps, source, affinity_every_n_steps}`` (``conf/module/default.yaml``);
     None turns the conflict metrics off. A backbone that shares nothing (single_task) has none.
+    ``segments``: the datamodule's evaluation segments (``warm``, ``cold_user``, ``cold_item``): validation and
+    test metrics are also logged per segment, ``{stage}/{segment}/{task}/{metric}``. A task's rows without a
+    label (``Task.valid``, ``observed_if``) take no part in its loss or metrics.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class MTLModule(pl.LightningModule):
         conflict: Mapping[str, Any] | None = None,
         nonfinite: str = "stop",
         max_consecutive_nonfinite: int = 10,
+        segments: tuple[str, ...] = (),
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -134,11 +139,14 @@ class MTLModule(pl.LightningModule):
         if int(max_consecutive_nonfinite) < 1:
             raise ConfigError(f"module.max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}.")
         self.nonfinite, self.max_consecutive_nonfinite = nonfinite, int(max_consecutive_nonfinite)
+        self.run_config: str | None = None  # the run's resolved config (YAML), saved in checkpoints by the pipeline
         self.nonfinite_skipped, self._nonfinite_streak = 0, 0
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
         self.optimizer_factory, self.scheduler_cfg = optimizer, dict(scheduler) if scheduler else None
         self.gradient_clip_val, self.gradient_clip_algorithm = float(gradient_clip_val), gradient_clip_algorithm
+        # sparse id tables (features.sparse=true): an optimizer or clipping that cannot take their gradients fails now
+        check_sparse_training(model, optimizer, self.gradient_clip_val, gradient_clip_algorithm)
         self.train_metrics = train_metrics
         self._train_outputs = []
         self.weighting.setup(self.tasks, model)
@@ -165,11 +173,11 @@ class MTLModule(pl.LightningModule):
                 )
             self.conflict_tracker = ConflictTracker(list(self.tasks), self.conflict_config)
         # nn.ModuleDict keys may not shadow Module attributes ("train"), hence the "on_" prefix
+        # evaluation segments (warm / cold_user / cold_item, data/base.py): val and test get one metric set each
+        self.segments = tuple(segments)
+        keys = [*STAGES, *(f"{stage}_{segment}" for stage in ("val", "test") for segment in self.segments)]
         self.task_metrics = nn.ModuleDict(
-            {
-                f"on_{stage}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
-                for stage in STAGES
-            }
+            {f"on_{key}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()}) for key in keys}
         )
 
     # -- optimisation ---------------------------------------------------------------------------
@@ -188,8 +196,45 @@ class MTLModule(pl.LightningModule):
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.model(features)
 
+    def _label_mask(self, name: str, labels: Mapping[str, Tensor]) -> Tensor | None:
+        """Rows that carry a label for task ``name`` (None: all): the task's own rule (a retrieval row without
+        a next item) and ``observed_if`` (like only after a click); the rest take no part in loss or metrics."""
+        task = self.tasks[name]
+        mask = task.valid(labels[name])
+        if task.observed_if is not None:
+            observed = labels[task.observed_if] > 0.5
+            mask = observed if mask is None else mask & observed
+        return mask
+
     def _losses(self, outputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
-        return torch.stack([task.loss(outputs[name], labels[name]) for name, task in self.tasks.items()])
+        losses = []
+        for name, task in self.tasks.items():
+            output, target, mask = outputs[name], labels[name], self._label_mask(name, labels)
+            if mask is None:
+                losses.append(task.loss(output, target))
+            elif mask.any():
+                losses.append(task.loss(output[mask], target[mask]))
+            else:  # no labelled row in this batch: zero, still connected to the graph (every task has a gradient)
+                losses.append(output.sum() * 0.0)
+        return torch.stack(losses)
+
+    def _update_metrics(
+        self, metrics: nn.ModuleDict, outputs: Mapping[str, Tensor], batch: Mapping, rows: Tensor | None = None
+    ) -> None:
+        """Update each task's metrics on its labelled rows (of ``rows``, a segment's mask, when given), with the
+        batch's user / item ids as context (grouped AUC)."""
+        labels = batch["labels"]
+        for name, task in self.tasks.items():
+            mask = self._label_mask(name, labels)
+            if rows is not None:
+                mask = rows if mask is None else mask & rows
+            if mask is not None and not mask.any():
+                continue
+            context = {k: batch[k] for k in ("user_id", "item_id") if k in batch}
+            output, target = outputs[name], labels[name]
+            if mask is not None:
+                output, target, context = output[mask], target[mask], {k: v[mask] for k, v in context.items()}
+            task.update_metrics(metrics[name], output, target, context or None)
 
     def _check_finite(self, losses: Tensor) -> bool:
         """True when every task loss is finite; otherwise ``module.nonfinite`` decides.
@@ -300,7 +345,8 @@ class MTLModule(pl.LightningModule):
             self.lr_schedulers().step()
 
         if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)
-            self._train_outputs.append(({n: o.detach() for n, o in outputs.items()}, labels))
+            kept = {"labels": labels, **{k: batch[k] for k in ("user_id", "item_id") if k in batch}}
+            self._train_outputs.append(({n: o.detach() for n, o in outputs.items()}, kept))
         # Lightning writes step values only every log_every_n_steps; calling self.log on the other steps
         # costs ~0.3 ms per key for nothing (measured with scripts/benchmark.py). After opt.step(),
         # global_step is the step number Lightning's logger connector tests.
@@ -395,15 +441,14 @@ class MTLModule(pl.LightningModule):
         outputs = None
         # under DDP only rank 0's checkpoint is written, so its outputs would stand for every rank's: not kept
         if self._train_outputs and self.trainer.world_size == 1:
-            outputs = {
-                key: {name: torch.cat([step[i][name] for step in self._train_outputs]) for name in self.tasks}
-                for i, key in enumerate(("outputs", "labels"))
-            }
+            outputs, batch = self._epoch_train_outputs()
+            outputs = {"outputs": outputs, "batch": batch}
         checkpoint["mtl"] = {
             "mlflow_run_id": run_id,
             "rng": rng_state(),
             "train_outputs": outputs,
             "nonfinite": [self.nonfinite_skipped, self._nonfinite_streak],
+            "config": self.run_config,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -414,12 +459,20 @@ class MTLModule(pl.LightningModule):
         outputs = state.get("train_outputs")
         self._train_outputs = []
         if outputs:
-            on_device = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in outputs.items()}
-            self._train_outputs = [(on_device["outputs"], on_device["labels"])]
+            batch = {k: v.to(self.device) for k, v in outputs["batch"].items() if k != "labels"}
+            batch["labels"] = {n: t.to(self.device) for n, t in outputs["batch"]["labels"].items()}
+            self._train_outputs = [({n: t.to(self.device) for n, t in outputs["outputs"].items()}, batch)]
         self.nonfinite_skipped, self._nonfinite_streak = (int(x) for x in state["nonfinite"])
 
+    def _epoch_train_outputs(self) -> tuple[dict[str, Tensor], dict]:
+        """This epoch's kept train outputs and batches so far, concatenated: (outputs, batch)."""
+        steps = self._train_outputs
+        batch = {k: torch.cat([b[k] for _, b in steps]) for k in steps[0][1] if k != "labels"}
+        batch["labels"] = {n: torch.cat([b["labels"][n] for _, b in steps]) for n in self.tasks}
+        return {n: torch.cat([out[n] for out, _ in steps]) for n in self.tasks}, batch
+
     def on_train_epoch_start(self) -> None:
-        self._train_outputs: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+        self._train_outputs: list[tuple[dict[str, Tensor], dict]] = []
         if self.conflict_tracker is not None:
             self.conflict_tracker.start_epoch()
 
@@ -435,8 +488,10 @@ class MTLModule(pl.LightningModule):
         outputs = self.model(batch["features"])
         labels = batch["labels"]
         losses = self._losses(outputs, labels)
-        for name, task in self.tasks.items():
-            task.update_metrics(self.task_metrics[f"on_{stage}"][name], outputs[name], labels[name])
+        self._update_metrics(self.task_metrics[f"on_{stage}"], outputs, batch)
+        for segment, rows in batch.get("segments", {}).items():
+            if segment in self.segments and rows.any():
+                self._update_metrics(self.task_metrics[f"on_{stage}_{segment}"], outputs, batch, rows)
         batch_size = len(next(iter(labels.values())))
         # sync_dist: under DDP the epoch's mean over every rank's batches (one all-reduce per epoch, not per step)
         self.log(f"{stage}/loss", losses.sum(), on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
@@ -448,27 +503,31 @@ class MTLModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        values, by_metric = {}, {}
-        for name, metrics in self.task_metrics[f"on_{stage}"].items():
-            if not metrics[next(iter(metrics.keys()))].update_called:
-                continue
-            for metric_name, value in metrics.compute().items():
-                values[f"{stage}/{name}/{metric_name}"] = value.float()
-                by_metric.setdefault(metric_name, []).append(value.float())
-            metrics.reset()
-        for metric_name, vals in by_metric.items():
-            values[f"{stage}/mean_{metric_name}"] = torch.stack(vals).mean()
+        values = self._compute_metrics(stage, f"{stage}/")
+        for segment in self.segments if stage != "train" else ():
+            values.update(self._compute_metrics(f"{stage}_{segment}", f"{stage}/{segment}/"))
         if values:
             # torchmetrics' compute() already reduced the states over the ranks, so every rank holds the same
             # values; sync_dist's mean of equal values keeps them (and silences Lightning's warning)
             self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
+    def _compute_metrics(self, key: str, prefix: str) -> dict[str, Tensor]:
+        """``{prefix}<task>/<metric>`` and ``{prefix}mean_<metric>`` of one metric set, which is then reset."""
+        values, by_metric = {}, {}
+        for name, metrics in self.task_metrics[f"on_{key}"].items():
+            if not metrics[next(iter(metrics.keys()))].update_called:
+                continue
+            for metric_name, value in metrics.compute().items():
+                values[f"{prefix}{name}/{metric_name}"] = value.float()
+                by_metric.setdefault(metric_name, []).append(value.float())
+            metrics.reset()
+        for metric_name, vals in by_metric.items():
+            values[f"{prefix}mean_{metric_name}"] = torch.stack(vals).mean()
+        return values
+
     def on_train_epoch_end(self) -> None:
         if self.train_metrics and self._train_outputs:
-            for name, task in self.tasks.items():
-                outputs = torch.cat([out[name] for out, _ in self._train_outputs])
-                labels = torch.cat([lab[name] for _, lab in self._train_outputs])
-                task.update_metrics(self.task_metrics["on_train"][name], outputs, labels)
+            self._update_metrics(self.task_metrics["on_train"], *self._epoch_train_outputs())
             self._train_outputs = []
             self._log_epoch_metrics("train")
         self.weighting.on_train_epoch_end(self.current_epoch)

@@ -19,7 +19,23 @@ from torch import Tensor
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.tasks import Task, build_tasks
 
-Split = dict  # {"features": {...}, "labels": {...}, optional "user_id"/"item_id"}
+Split = dict  # {"features": {...}, "labels": {...}, optional "user_id"/"item_id"/"timestamp"/"segments"}
+ID_KEYS = ("user_id", "item_id")
+MIN_SEGMENT_ROWS = 100  # evaluation segments (warm / cold_user / cold_item) with fewer rows are not reported
+
+
+def segment_masks(split: Split, seen: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Which rows of an evaluation split are *warm* (user and item seen in training) and which are cold:
+    ``cold_user`` (the user never appeared in training), ``cold_item`` (the item never did). A row can be
+    both cold_user and cold_item. Only the id keys the split carries are considered."""
+    cold = {}
+    for key in ID_KEYS:
+        if key in split and key in seen:
+            cold[f"cold_{key[:-3]}"] = ~torch.isin(split[key], seen[key])
+    if not cold:
+        return {}
+    warm = ~torch.stack(list(cold.values())).any(0)
+    return {"warm": warm, **cold}
 
 
 @dataclass(frozen=True)
@@ -36,11 +52,19 @@ class FeatureSpec:
     numeric: tuple[str, ...] = ()
     categorical: Mapping[str, int] = field(default_factory=dict)  # column name -> cardinality (incl. reserved ids)
     embedding_dims: Mapping[str, int] = field(default_factory=dict)  # optional column name -> embedding dim
+    # {"user_id": <categorical column>, "item_id": <categorical column>}: which columns hold the user / item id
+    # (either key optional), so the feature layer can represent ids never seen in training (features.py)
+    id_columns: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = sorted(set(self.embedding_dims) - set(self.categorical))
         if unknown:
             raise DataError(f"FeatureSpec.embedding_dims names non-categorical column(s) {unknown}.")
+        bad = {k: c for k, c in self.id_columns.items() if k not in ID_KEYS or c not in self.categorical}
+        if bad:
+            raise DataError(
+                f"FeatureSpec.id_columns {bad}: keys must be {list(ID_KEYS)} and values categorical columns."
+            )
 
     @property
     def num_numeric(self) -> int:
@@ -56,6 +80,7 @@ class FeatureSpec:
             "numeric": list(self.numeric),
             "categorical": dict(self.categorical),
             "embedding_dims": dict(self.embedding_dims),
+            "id_columns": dict(self.id_columns),
         }
 
     @classmethod
@@ -64,7 +89,17 @@ class FeatureSpec:
             numeric=tuple(d.get("numeric", ())),
             categorical=dict(d.get("categorical", {})),
             embedding_dims=dict(d.get("embedding_dims", {})),
+            id_columns=dict(d.get("id_columns", {})),
         )
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """The item catalogue a dataset knows: ids ``1 .. num_items`` (0 = unknown) and, where items have one, a
+    category per id (``category[0]`` unused), for retrieval heads and beyond-accuracy metrics (diversity)."""
+
+    num_items: int
+    category: Tensor | None = None
 
 
 def require_file(path: str | Path, how_to_get: str) -> Path:
@@ -193,6 +228,18 @@ class TabularDataModule(pl.LightningDataModule):
         self.shuffle_seed = int(shuffle_seed)  # the run's seed; a dataset's own `seed` fixes its content
         self.splits: dict[str, Split] | None = None
         self.feature_spec: FeatureSpec | None = None
+        self.item_info: ItemInfo | None = None  # set by datasets with an item catalogue, in load()
+        self.catalog = None  # a data.catalog.Catalog, set in load() by datasets that can serve recommendations
+        self.segments: tuple[str, ...] = ()  # warm / cold_user / cold_item: evaluation segments (after setup)
+        for name, task in self.tasks.items():
+            if task.observed_if is not None and (
+                task.observed_if not in self.tasks or self.tasks[task.observed_if].kind != "binary"
+            ):
+                raise ConfigError(
+                    f"data.tasks.{name}.observed_if={task.observed_if!r} must name another binary task of this "
+                    f"config (its label says whether {name}'s label exists), one of "
+                    f"{[n for n, t in self.tasks.items() if t.kind == 'binary' and n != name]}."
+                )
 
     def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
         raise NotImplementedError
@@ -205,8 +252,31 @@ class TabularDataModule(pl.LightningDataModule):
         for name, split in self.splits.items():
             if _num_rows(split) == 0:
                 raise DataError(f"The {name} split is empty; use more samples or larger split fractions.")
+        for task_name, task in self.tasks.items():
+            # before the model exists: a retrieval head learns the catalogue size, a multiclass task its classes
+            task.setup(train["labels"][task_name], self.item_info)
+            if "user_id" in train:
+                task.group_by = "user_id"
+                if "item_id" in train:
+                    task.set_train_interactions(train["user_id"], train["item_id"])
+        for name, split in self.splits.items():
             for task_name, task in self.tasks.items():
                 task.validate_labels(split["labels"][task_name], split=name)
+        seen, present = self.seen_ids(), []
+        for name in ("val", "test"):
+            # a segment of a handful of rows (a random split's few unseen users) gives noise, not a measurement
+            masks = {
+                k: m for k, m in segment_masks(self.splits[name], seen).items() if int(m.sum()) >= MIN_SEGMENT_ROWS
+            }
+            if masks:
+                self.splits[name]["segments"] = masks
+                present += [k for k in masks if k not in present]
+        self.segments = tuple(present)
+
+    def seen_ids(self) -> dict[str, Tensor]:
+        """The user and item ids of the training split (sorted, unique), for the id keys batches carry."""
+        train = self.splits["train"]
+        return {key: torch.unique(train[key]) for key in ID_KEYS if key in train}
 
     def _loader(self, split: str, train: bool) -> TensorBatchLoader:
         self.setup()
