@@ -10,8 +10,8 @@ import torch
 
 from mtl_experiments.data.recsys_synthetic import (
     CATEGORICAL,
+    DEFAULT_TASKS,
     NUMERIC,
-    SIGNALS,
     RecsysSyntheticDataModule,
     generate,
     next_positive_item,
@@ -60,7 +60,7 @@ def test_more_interactions_keep_the_same_users_and_items():
 
 def test_batches_carry_ids_timestamps_and_every_signal(tmp_path):
     dm = module(tmp_path)
-    assert list(dm.tasks) == list(SIGNALS)  # tasks default to every signal with its kind
+    assert list(dm.tasks) == list(DEFAULT_TASKS)  # tasks default to click, like, watch_time, interest
     assert dm.feature_spec.numeric == NUMERIC
     assert list(dm.feature_spec.categorical) == list(CATEGORICAL)
     assert dm.feature_spec.categorical["user_id"] == 301 and dm.feature_spec.categorical["item_id"] == 201
@@ -184,7 +184,7 @@ def test_next_positive_item_is_the_users_next_click():
     [
         ({"num_users": 0}, r"data.num_users must be a positive integer, got 0"),
         ({"num_interactions": 2.5}, r"data.num_interactions must be a positive integer"),
-        ({"num_interactions": 5}, r"too small to give non-empty train/val/test"),
+        ({"num_interactions": 5}, r"data.split=random: 5 rows are too few for data.val_fraction=0.1"),
         ({"latent_dim": 2}, r"data.latent_dim must be >= 3"),
         ({"content_dim": 4}, r"data.content_dim \(4\) must be >= data.latent_dim \(8\)"),
         ({"correlation": {"like": 1.5}}, r"data.correlation.like must lie in \[-1, 1\]"),
@@ -202,8 +202,17 @@ def test_next_positive_item_is_the_users_next_click():
         ({"click_rate": 1.0}, r"data.click_rate must lie in \(0, 1\)"),
         ({"noise_std": -1}, r"data.noise_std must be a finite number >= 0"),
         ({"interest_top_k": 11}, r"data.interest_top_k must lie in \[1, data.num_categories=10\]"),
-        ({"split": "cold_user"}, r"data.split must be one of \['random'\]"),
-        ({"val_fraction": 0.6, "test_fraction": 0.5}, r"sum to < 1"),
+        ({"split": "leave_last"}, r"data.split must be one of \['random', 'cold_user', 'cold_item', 'temporal'\]"),
+        ({"split": "cold_user", "cold_fraction": 0}, r"data.cold_fraction must be a number in \(0, 1\)"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, r"must be < 1 \(the rest trains\)"),
+        (
+            {"tasks": {"n": {"kind": "binary", "label": "next_item"}}},
+            r"signal 'next_item' is retrieval, so the task's kind must be retrieval, got 'binary'",
+        ),
+        (
+            {"tasks": {"c": {"kind": "multiclass", "label": "click"}}},
+            r"signal 'click' is binary, so the task's kind must be binary or regression, got 'multiclass'",
+        ),
     ],
 )
 def test_bad_config_values(kwargs, message, tmp_path):
@@ -218,6 +227,93 @@ def test_a_task_may_rename_a_signal(tmp_path):
         torch.cat([s["labels"]["ctr"] for s in dm.splits.values()]).sort().values,
         torch.from_numpy(np.sort(dm.interactions["click"])),
     )
+
+
+@pytest.mark.parametrize("split", ["random", "cold_user", "cold_item", "temporal"])
+def test_split_modes(split, tmp_path):
+    dm = module(tmp_path, split=split, cold_fraction=0.2, num_interactions=6000)
+    s = dm.splits
+    rows = torch.cat([p["timestamp"] for p in s.values()]).sort().values  # the splits partition the log
+    assert torch.equal(rows, torch.from_numpy(dm.interactions["timestamp"]))
+    assert all(bool((p["timestamp"].diff() >= 0).all()) for p in s.values())  # each split in time order
+    if split == "temporal":
+        assert s["train"]["timestamp"].max() <= s["val"]["timestamp"].min()
+        assert s["val"]["timestamp"].max() <= s["test"]["timestamp"].min()
+        assert {k: len(p["user_id"]) for k, p in s.items()} == {"train": 4800, "val": 600, "test": 600}
+    if split.startswith("cold_"):
+        key = f"{split[5:]}_id"
+        train = set(s["train"][key].tolist())
+        cold_val, cold_test = set(s["val"][key].tolist()) - train, set(s["test"][key].tolist()) - train
+        assert cold_val and cold_test
+        # the held-out ids, and perhaps a few rare warm ones whose rows all fell into val / test (test_splits.py
+        # checks the held-out set exactly)
+        assert len(cold_val | cold_test) >= round(0.2 * len(np.unique(dm.interactions[key])))
+        assert dm.segments == ("warm", split)  # the base module reports both segments of val / test
+        assert s["val"]["segments"][split].sum() == np.isin(s["val"][key], list(cold_val)).sum()
+    # the split follows the dataset's seed, not the run's
+    again = module(tmp_path / "again", split=split, cold_fraction=0.2, num_interactions=6000, shuffle_seed=5)
+    assert torch.equal(again.splits["test"]["timestamp"], s["test"]["timestamp"])
+
+
+def test_ids_item_info_and_catalog(tmp_path):
+    dm = module(tmp_path, num_interactions=2000)
+    spec, world = dm.feature_spec, dm.world
+    assert spec.id_columns == {"user_id": "user_id", "item_id": "item_id"}
+    assert dm.item_info.num_items == 200
+    assert dm.item_info.category.tolist() == [0, *world["items"]["category"].tolist()]
+    catalog = dm.catalog
+    assert set(catalog.users) == {"user_id", "age_bucket", "region", "activity_level", "user_activity"}
+    assert set(catalog.items) == {"item_id", "category", "price_bucket", "item_log_duration"}
+    assert catalog.num_users == 300 and catalog.num_items == 200
+    for side in (catalog.users, catalog.items):
+        assert all(float(t[0]) == 0 for t in side.values())  # row 0: the unknown id
+    # the tables rebuild every row's input from its ids
+    for split in dm.splits.values():
+        for j, col in enumerate(spec.categorical):
+            table = catalog.users.get(col, catalog.items.get(col))
+            key = "user_id" if col in catalog.users else "item_id"
+            assert torch.equal(table[split[key]], split["features"]["categorical"][:, j]), col
+        for j, col in enumerate(spec.numeric):
+            table = catalog.users.get(col, catalog.items.get(col))
+            key = "user_id" if col in catalog.users else "item_id"
+            assert torch.equal(table[split[key]], split["features"]["numeric"][:, j]), col
+    assert torch.equal(catalog.train_item_id, dm.splits["train"]["item_id"])
+    assert torch.equal(catalog.train_user_id, dm.splits["train"]["user_id"])
+
+
+NEXT = {"click": {"kind": "binary"}, "next_item": {"kind": "retrieval"}}
+
+
+def test_next_item_is_a_retrieval_label(tmp_path):
+    dm = module(tmp_path, tasks=NEXT, num_interactions=3000)
+    labels = torch.cat([p["labels"]["next_item"] for p in dm.splits.values()])
+    assert labels.dtype == torch.int64
+    assert torch.equal(labels.sort().values, torch.from_numpy(np.sort(dm.interactions["next_item_id"])))
+    assert (labels == 0).any() and (labels > 0).sum() > 1000  # most rows have a next click; the last ones none
+
+
+def test_cold_item_split_never_trains_a_held_out_item(tmp_path):
+    dm = module(tmp_path, tasks=NEXT, split="cold_item", cold_fraction=0.3, num_interactions=6000)
+    train = dm.splits["train"]
+    seen = torch.unique(train["item_id"])
+    targets = train["labels"]["next_item"]
+    assert torch.isin(targets[targets > 0], seen).all()  # not even as a next-item target
+    held_out = torch.cat([dm.splits[k]["item_id"] for k in ("val", "test")])
+    held_out = held_out[~torch.isin(held_out, seen)].unique()
+    # each training row's label is the log's next item, or 0 where that item is held out
+    log = dm.interactions
+
+    def keys(t: dict) -> list[tuple]:  # (user, item, timestamp) names a row of this log
+        cols = [np.asarray(t[k]).tolist() for k in ("user_id", "item_id", "timestamp")]
+        return list(zip(*cols, strict=True))
+
+    row_of = {k: r for r, k in enumerate(keys(log))}
+    rows = [row_of[k] for k in keys(train)]
+    original = torch.from_numpy(log["next_item_id"][rows])
+    expected = torch.where(torch.isin(original, held_out), 0, original)
+    assert torch.equal(targets, expected) and not torch.equal(targets, original)
+    val_targets = dm.splits["val"]["labels"]["next_item"]
+    assert torch.isin(val_targets, held_out).any()  # evaluation still asks for cold items
 
 
 def test_trains_end_to_end_and_is_tracked(make_cfg, mlflow_runs, tmp_path):

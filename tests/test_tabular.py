@@ -38,15 +38,17 @@ def test_csv_round_trip(tabular_csv):
     order = np.random.default_rng(0).permutation(300)
     rows = {"val": np.sort(order[:60]), "test": np.sort(order[60:90]), "train": np.sort(order[90:])}
     train_rows = frame.iloc[rows["train"]]
+    assert spec.id_columns == {"user_id": "user", "item_id": "item"}
     for split, idx in rows.items():
         part, s = frame.iloc[idx], dm.splits[split]
         assert np.array_equal(s["labels"]["click"].numpy(), part["click"].to_numpy(np.float32))
         assert np.allclose(s["labels"]["watch"].numpy(), part["watch_seconds"].to_numpy(np.float32))
         cat = s["features"]["categorical"]
         assert torch.equal(s["user_id"], cat[:, 0]) and torch.equal(s["item_id"], cat[:, 1])
-        # vocabularies from the training rows: ids 1..K in sorted order, 0 for missing and unseen values
+        # vocabularies from the training rows (the id columns': from every row): ids 1..K in sorted order, 0 for
+        # missing and unseen values
         for j, col in enumerate(spec.categorical):
-            vocab = sorted(train_rows[col].dropna().astype(str).unique())
+            vocab = sorted((frame if col in ("user", "item") else train_rows)[col].dropna().astype(str).unique())
             assert dm.vocabularies[col] == vocab
             expected = [vocab.index(str(v)) + 1 if pd.notna(v) and str(v) in vocab else 0 for v in part[col]]
             assert cat[:, j].tolist() == expected, col
@@ -138,8 +140,10 @@ def test_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"Cannot read .*broken.parquet as PARQUET"):
         module(tmp_path / "broken.parquet")
     write_tabular_file(tmp_path / "tiny.csv", tabular_frame().iloc[:5])
-    with pytest.raises(DataError, match=r"tiny.csv has 5 rows: too few for data.val_fraction=0.1"):
+    with pytest.raises(DataError, match=r"tiny.csv: data.split=random: 5 rows are too few for data.val_fraction=0.1"):
         module(tmp_path / "tiny.csv")
+    with pytest.raises(DataError, match=r"tiny.csv has 5 rows: too few for data.test_fraction=0.1 .* data.test_path"):
+        module(tmp_path / "tiny.csv", val_path=str(tmp_path / "tiny.csv"))
 
 
 @pytest.mark.parametrize(
@@ -153,13 +157,150 @@ def test_file_errors(tmp_path):
         ({"id_columns": {"session": "s"}}, r"data.id_columns has unknown role\(s\) \['session'\]"),
         ({"categorical": [], "numeric": [], "id_columns": {}}, r"needs at least one input column"),
         ({"numeric": "age"}, r"data.numeric must be a list of column names"),
-        ({"val_fraction": 0.7, "test_fraction": 0.3}, r"must be in \(0, 1\) and sum to < 1"),
+        ({"val_fraction": 0.7, "test_fraction": 0.3}, r"data.val_fraction \+ data.test_fraction must be < 1"),
+        ({"val_path": "v.csv", "test_fraction": 1.0}, r"data.test_fraction must be in \(0, 1\)"),
+        ({"split": "by_user"}, r"data.split must be one of \['random', 'cold_user', 'cold_item', 'temporal'\]"),
+        ({"split": "cold_user", "id_columns": {"item_id": "item"}}, r"needs data.id_columns.user_id=<column>"),
+        ({"split": "cold_item", "cold_fraction": 1.5}, r"data.cold_fraction must be a number in \(0, 1\)"),
+        ({"split": "temporal"}, r"data.split=temporal orders the rows by time: set data.timestamp_column"),
+        ({"split": "cold_item", "val_path": "v.csv"}, r"data.val_path and data.test_path must be null"),
+        (
+            {"tasks": {"next": {"kind": "retrieval"}}, "id_columns": {"user_id": "user"}},
+            r"Retrieval task\(s\) \['next'\] name items, so data=tabular needs the item id column",
+        ),
     ],
 )
 def test_bad_config(kwargs, message, tabular_csv):
     options = {"tasks": TASKS, "path": str(tabular_csv), **COLUMNS, **kwargs}
     with pytest.raises(ConfigError, match=message):
         TabularFileDataModule(**options)
+
+
+def test_ids_span_every_split_other_vocabularies_only_training(tmp_path):
+    frame = tabular_frame()
+    new = frame.iloc[250:].assign(user="newcomer", item=5000, city="Lima")  # none of these occur in training
+    train, val = (
+        write_tabular_file(tmp_path / "train.csv", frame.iloc[:250]),
+        write_tabular_file(tmp_path / "v.csv", new),
+    )
+    dm = module(train, val_path=str(val), test_fraction=0.2)
+    users, items = dm.vocabularies["user"], dm.vocabularies["item"]
+    assert "newcomer" in users and "5000" in items and "Lima" not in dm.vocabularies["city"]
+    v = dm.splits["val"]
+    assert (v["user_id"] == users.index("newcomer") + 1).all() and (v["item_id"] == items.index("5000") + 1).all()
+    assert (v["features"]["categorical"][:, 2] == 0).all()  # an unseen city is still id 0
+    assert not torch.isin(v["user_id"], dm.seen_ids()["user_id"]).any()  # a cold user, with an id of its own
+    assert dm.feature_spec.categorical["user"] == len(users) + 1 == 42
+    assert dm.item_info.num_items == len(items) == 31
+
+
+def with_time(frame: pd.DataFrame, dates: bool = False) -> pd.DataFrame:
+    seconds = np.random.default_rng(1).integers(0, 50, len(frame)) * 3600  # many rows share an hour
+    when = pd.Timestamp("2024-05-01") + pd.to_timedelta(seconds, unit="s")
+    return frame.assign(ts=when.strftime("%Y-%m-%d %H:%M:%S") if dates else seconds)
+
+
+@pytest.mark.parametrize("split", ["cold_user", "cold_item", "temporal"])
+def test_split_modes(split, tmp_path):
+    path = write_tabular_file(tmp_path / "t.csv", with_time(tabular_frame(), dates=split == "temporal"))
+    options = dict(split=split, cold_fraction=0.25, timestamp_column="ts", val_fraction=0.1, test_fraction=0.2)
+    dm = module(path, **options)
+    s = dm.splits
+    assert sum(len(p["user_id"]) for p in s.values()) == 300
+    if split == "temporal":  # date-times become seconds since 1970; train on the past
+        assert s["train"]["timestamp"].dtype == torch.int64 and int(s["train"]["timestamp"].min()) >= 1714521600
+        assert s["train"]["timestamp"].max() <= s["val"]["timestamp"].min()
+        assert s["val"]["timestamp"].max() <= s["test"]["timestamp"].min()
+        assert {k: len(p["user_id"]) for k, p in s.items()} == {"train": 210, "val": 30, "test": 60}
+    else:
+        key = f"{split[5:]}_id"
+        train = set(s["train"][key].tolist())
+        cold = {k: set(s[k][key].tolist()) - train for k in ("val", "test")}
+        n_ids = {"user_id": 40, "item_id": 30}[key]
+        assert cold["val"] and cold["test"] and len(cold["val"] | cold["test"]) >= round(0.25 * n_ids)
+        assert 0 not in cold["val"] | cold["test"]  # held-out ids keep their own ids
+        # the timestamp column travels with every mode
+        ts = torch.cat([p["timestamp"] for p in s.values()]).sort().values
+        assert torch.equal(ts, torch.from_numpy(np.sort(with_time(tabular_frame())["ts"].to_numpy())))
+    again = module(path, **options)
+    assert all(torch.equal(again.splits[k]["user_id"], s[k]["user_id"]) for k in s)  # seeded by split_seed
+    other = module(path, **options, split_seed=1)
+    assert split == "temporal" or not torch.equal(other.splits["val"]["user_id"], s["val"]["user_id"])
+
+
+def test_bad_timestamps_and_too_few_ids(tmp_path):
+    frame = with_time(tabular_frame()).astype({"ts": object})
+    frame.loc[6, "ts"] = "soon"
+    path = write_tabular_file(tmp_path / "t.csv", frame)
+    with pytest.raises(DataError, match=r"t.csv: timestamp column 'ts' holds numbers but has the value 'soon' on data "
+                                        r"row 7"):  # fmt: skip
+        module(path, split="temporal", timestamp_column="ts")
+    dates = with_time(tabular_frame(), dates=True)
+    dates.loc[8, "ts"] = "next tuesday"
+    path = write_tabular_file(tmp_path / "d.csv", dates)
+    with pytest.raises(DataError, match=r"d.csv: timestamp column 'ts' has the value 'next tuesday' on data row 9, "
+                                        r"neither a number nor a date-time"):  # fmt: skip
+        module(path, split="temporal", timestamp_column="ts")
+    with pytest.raises(DataError, match=r"d.csv: data.split=cold_item: 30 items are too few to hold out 30"):
+        module(path, split="cold_item", cold_fraction=0.99)
+
+
+def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``rating`` (integer classes 0..4), ``genre`` (text classes) and ``next_item`` (the user's next item,
+    empty for a user's last row; some next items, 9000+, never appear in the item column)."""
+    nxt = frame.groupby("user")["item"].shift(-1)
+    nxt = nxt.where(frame.index % 25 != 3, 9000 + frame.index % 2)
+    return frame.assign(
+        rating=(frame["price"] // 10).clip(0, 4).astype(int),
+        genre=np.where(frame["price"] > 20, "drama", np.where(frame["price"] > 10, "comedy", "action")),
+        next_item=nxt.astype("Int64"),
+    )
+
+
+LABEL_TASKS = {
+    "rating": {"kind": "multiclass"},
+    "genre": {"kind": "multiclass"},
+    "next": {"kind": "retrieval", "label": "next_item"},
+}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_multiclass_and_retrieval_labels(suffix, tmp_path):
+    frame = with_labels(tabular_frame())
+    dm = module(write_tabular_file(tmp_path / f"t{suffix}", frame), tasks=LABEL_TASKS)
+    assert dm.tasks["rating"].num_classes == 5 and dm.tasks["genre"].num_classes == 3
+    assert dm.label_classes == {"genre": ["action", "comedy", "drama"]}  # text classes in sorted order
+    items = dm.vocabularies["item"]
+    assert "9000" in items and "9001" in items  # next items outside the item column get ids of their own
+    order = np.random.default_rng(0).permutation(300)
+    for split, rows in (("val", order[:30]), ("test", order[30:60]), ("train", order[60:])):
+        part, labels = frame.iloc[np.sort(rows)], dm.splits[split]["labels"]
+        assert all(labels[t].dtype == torch.int64 for t in LABEL_TASKS)
+        assert labels["rating"].tolist() == part["rating"].tolist()
+        assert labels["genre"].tolist() == [["action", "comedy", "drama"].index(g) for g in part["genre"]]
+        want = [0 if pd.isna(v) else items.index(str(v)) + 1 for v in part["next_item"]]  # empty: no label
+        assert labels["next"].tolist() == want
+    assert (dm.splits["train"]["labels"]["next"] == 0).any()
+
+
+def test_bad_class_labels(tmp_path):
+    frame = with_labels(tabular_frame())
+    train = write_tabular_file(tmp_path / "train.csv", frame.iloc[:200])
+    odd = frame.iloc[200:].assign(genre="horror")
+    val = write_tabular_file(tmp_path / "val.csv", odd)
+    with pytest.raises(DataError, match=r"val.csv: task 'genre' has the class 'horror' on data row 1, which no train"):
+        module(train, val_path=str(val), tasks={"genre": {"kind": "multiclass"}})
+    val = write_tabular_file(tmp_path / "val.csv", frame.iloc[200:].assign(rating=-1))
+    with pytest.raises(DataError, match=r"val.csv: task 'rating' is multiclass with integer classes .* value -1"):
+        module(train, val_path=str(val), tasks={"rating": {"kind": "multiclass"}})
+    with pytest.raises(DataError, match=r"num_classes=2, but its label column 'genre' has 3 classes \['action'"):
+        module(train, tasks={"genre": {"kind": "multiclass", "num_classes": 2}})
+    missing = write_tabular_file(tmp_path / "m.csv", frame.astype({"rating": object}).assign(rating=None))
+    with pytest.raises(
+        DataError,
+        match=r"m.csv: label column 'rating' \(task 'r'\) has 240 missing value\(s\), the first on data row 2",
+    ):
+        module(missing, tasks={"r": {"kind": "multiclass", "label": "rating"}})
 
 
 def test_trains_end_to_end_and_is_tracked(make_cfg, mlflow_runs, tabular_csv):
@@ -174,6 +315,22 @@ def test_trains_end_to_end_and_is_tracked(make_cfg, mlflow_runs, tabular_csv):
     m = run.data.metrics
     assert m["test/click/auroc"] > 0.75  # click follows city and age
     assert "test/watch/mse" in m
+
+
+def test_cold_user_split_with_class_and_item_tasks_trains(make_cfg, mlflow_runs, tmp_path):
+    path = write_tabular_file(tmp_path / "t.parquet", with_labels(with_time(tabular_frame())))
+    tasks = "{click: {kind: binary}, genre: {kind: multiclass, top_k: 2}, next: {kind: retrieval, label: next_item}}"
+    cfg = make_cfg(
+        "data=tabular", f"data.path={path}", *TABULAR_CONFIG[:3], f"data.tasks={tasks}", "data.split=cold_user",
+        "data.cold_fraction=0.3", "data.timestamp_column=ts", "data.batch_size=32", "trainer.max_epochs=1",
+        "trainer.enable_model_summary=false", "~callbacks.progress_bar", tiny=False,
+    )  # fmt: skip
+    train(cfg)
+    (run,) = mlflow_runs()
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("test/click/auroc", "test/click/gauc", "test/genre/accuracy", "test/next/ndcg_10", "test/next/mrr"):
+        assert key in m, sorted(m)
 
 
 def test_missing_path_stops_before_tracking(make_cfg, mlflow_runs):

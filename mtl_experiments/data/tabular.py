@@ -3,17 +3,28 @@
 The file type follows the extension: ``.csv`` / ``.tsv`` (optionally compressed: ``.gz``, ``.bz2``, ``.zip``,
 ``.xz``, ``.zst``; read with pandas) or ``.parquet`` / ``.pq`` (pandas + pyarrow). The config names the
 columns: ``categorical`` and ``numeric`` inputs, ``id_columns`` (``{user_id: <column>, item_id: <column>}``:
-categorical inputs that batches also carry as ``user_id`` / ``item_id``) and ``tasks`` (``{name: {kind,
-label: <column>}}``, label defaulting to the name; kinds ``binary`` with labels in {0, 1} (or true/false)
-and ``regression`` with numeric labels). A label column cannot also be an input.
+categorical inputs that batches also carry as ``user_id`` / ``item_id``), an optional ``timestamp_column``
+(numbers or date-times; batches carry it as ``timestamp``) and ``tasks`` (``{name: {kind, label: <column>}}``,
+label defaulting to the name). Label kinds: ``binary`` (0/1 or true/false), ``regression`` (finite numbers),
+``multiclass`` (integer classes 0..C-1, or any text whose classes become 0..C-1 in sorted order of the training
+values; ``num_classes`` is then set on the task and ``self.label_classes`` keeps the names) and ``retrieval``
+(an item column, e.g. the next item clicked, mapped through the item id vocabulary; an empty cell = no label,
+id 0). A label column cannot also be an input.
 
 Splits: ``path`` is the training file; ``val_path`` / ``test_path`` name separate files, and a split without
-one is carved out of ``path`` at random (``split_seed``) as ``val_fraction`` / ``test_fraction`` of its rows.
+one is carved out of ``path`` as ``val_fraction`` / ``test_fraction`` of its rows, by ``split``
+(mtl_experiments/data/splits.py, seeded by ``split_seed``): ``random``, ``cold_user`` / ``cold_item`` (a
+``cold_fraction`` share of the users / items held out of training; needs the id column), ``temporal`` (by
+``timestamp_column``). Modes other than ``random`` carve both val and test, so they take no split files.
 Preprocessing is fitted on the training rows only, as in the census module: categorical values (as text; a
 Parquet integer 1 is "1") get ids 1..K in sorted order, id 0 for a missing value and for values never seen
 in training; numeric columns are standardised with the training mean and (population) std, and a missing
-numeric value becomes the training mean (0 after standardising). Labels must be complete: a missing label is
-an error, not a silently dropped row. No cache: reading and encoding cost about as much as a cache load.
+numeric value becomes the training mean (0 after standardising). The id columns are the exception: their
+vocabulary spans the rows of every split (and the item values of retrieval labels), so a user or item never
+seen in training keeps an id of its own (its embedding row stays untrained; features.py decides how such ids
+are represented) and the cold-start segments can tell them apart. Labels must be complete (retrieval labels
+excepted): a missing label is an error, not a silently dropped row. No cache: reading and encoding cost about
+as much as a cache load.
 """
 
 from __future__ import annotations
@@ -26,14 +37,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, Split, TabularDataModule, require_file
+from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, TabularDataModule, require_file
+from mtl_experiments.data.splits import COLD_KEY, SPLIT_MODES, check_split_options, split_rows
 from mtl_experiments.errors import ConfigError, DataError
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ID_ROLES = ("user_id", "item_id")
-LABEL_KINDS = ("binary", "regression")
+LABEL_KINDS = ("binary", "regression", "multiclass", "retrieval")
 
 
 def file_format(path: Path) -> str:
@@ -155,11 +167,96 @@ def numeric_of(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
 
 
 def text_of(df: pd.DataFrame, column: str) -> np.ndarray:
-    """A categorical column as an object array of strings, missing values as None."""
+    """A categorical column as an object array of strings, missing values as None. Whole numbers stored as floats
+    (a Parquet integer column with missing values) read as integers, "7" not "7.0", so they match the same ids in
+    an integer column (an item id column and a next-item label column, a CSV and a Parquet file)."""
     s = df[column]
+    missing = s.isna().to_numpy()
+    if pd.api.types.is_float_dtype(s) and np.all(np.mod(s.to_numpy()[~missing], 1) == 0):
+        s = s.fillna(0).astype(np.int64)
     values = np.array(s.astype(str), dtype=object)  # a writable copy
-    values[s.isna().to_numpy()] = None
+    values[missing] = None
     return values
+
+
+def timestamps_of(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """The timestamp column as int64 (whole numbers; date-times as seconds since 1970 UTC) or float64 (other
+    numbers); a DataError for a missing or unreadable value."""
+    raw = df[column]
+    if raw.isna().any():
+        bad = raw.isna().to_numpy()
+        raise DataError(
+            f"{path}: timestamp column {column!r} has {int(bad.sum())} missing value(s), the first on data row "
+            f"{_first_row(df, bad)}; every row needs a timestamp."
+        )
+    numbers = pd.to_numeric(raw, errors="coerce")
+    if not numbers.isna().all():  # numbers (a value that is not one is an error), else date-times
+        bad = numbers.isna().to_numpy()
+        if bad.any():
+            raise DataError(
+                f"{path}: timestamp column {column!r} holds numbers but has the value {_show(raw[bad].iloc[0])} on "
+                f"data row {_first_row(df, bad)}; every timestamp must be a number (or every one a date-time)."
+            )
+        values = np.array(numbers, dtype=np.float64)  # a writable copy (pandas may hand out read-only views)
+        return values.astype(np.int64) if np.all(np.mod(values, 1) == 0) else values
+    times = pd.to_datetime(raw.astype(str), errors="coerce", utc=True, format="mixed")
+    bad = times.isna().to_numpy()
+    if bad.any():
+        raise DataError(
+            f"{path}: timestamp column {column!r} has the value {_show(raw[bad].iloc[0])} on data row "
+            f"{_first_row(df, bad)}, neither a number nor a date-time (e.g. 2024-05-01 12:00:00)."
+        )
+    return np.array((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1), dtype=np.int64)
+
+
+def class_labels(
+    frames: Mapping[str, pd.DataFrame], column: str, task: str, sources: Mapping[str, Path]
+) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """A multiclass label column of every split as int64 classes: whole numbers >= 0 as they are (``None``
+    for the class names), any other values (text) as 0..C-1 in the sorted order of the training values (and
+    the names). A DataError for a missing value, a negative or fractional class, or a class name never seen
+    in training."""
+    for k, df in frames.items():
+        missing = df[column].isna().to_numpy()
+        if missing.any():
+            raise DataError(
+                f"{sources[k]}: label column {column!r} (task {task!r}) has {int(missing.sum())} missing value(s), "
+                f"the first on data row {_first_row(df, missing)}; drop those rows or fill the labels."
+            )
+
+    def numbers(df: pd.DataFrame) -> np.ndarray:
+        raw = df[column]
+        return pd.to_numeric(raw.astype("int8") if raw.dtype == bool else raw, errors="coerce").to_numpy(np.float64)
+
+    train = numbers(frames["train"])
+    if np.all(np.isfinite(train) & (np.mod(train, 1) == 0) & (train >= 0)):  # integer classes
+        out = {}
+        for k, df in frames.items():
+            values = numbers(df)
+            bad = ~(np.isfinite(values) & (np.mod(values, 1) == 0) & (values >= 0))
+            if bad.any():
+                raise DataError(
+                    f"{sources[k]}: task {task!r} is multiclass with integer classes (as in the training rows) but "
+                    f"its label column {column!r} has the value {_show(df[column][bad].iloc[0])} on data row "
+                    f"{_first_row(df, bad)}; classes are whole numbers 0..C-1."
+                )
+            out[k] = values.astype(np.int64)
+        return out, None
+    classes = sorted(set(frames["train"][column].astype(str)))
+    index = pd.Index(classes)
+    out = {}
+    for k, df in frames.items():
+        text = df[column].astype(str)
+        codes = index.get_indexer(text)
+        bad = codes < 0
+        if bad.any():
+            raise DataError(
+                f"{sources[k]}: task {task!r} has the class {_show(text[bad].iloc[0])} on data row "
+                f"{_first_row(df, bad)}, which no training row has; every class must occur in the training rows "
+                f"(classes: {classes[:20]}{' ...' if len(classes) > 20 else ''})."
+            )
+        out[k] = codes.astype(np.int64)
+    return out, classes
 
 
 def _names(key: str, value) -> list[str]:
@@ -182,6 +279,9 @@ class TabularFileDataModule(TabularDataModule):
         categorical: Sequence[str] | None = None,
         numeric: Sequence[str] | None = None,
         id_columns: Mapping[str, str] | None = None,
+        timestamp_column: str | None = None,
+        split: str = "random",
+        cold_fraction: float = 0.1,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
@@ -226,13 +326,38 @@ class TabularFileDataModule(TabularDataModule):
                 f"Task label column(s) {leaks} are also input columns; remove them from the inputs (the model would "
                 "see its own labels)."
             )
+        if "item_id" not in self.id_columns:
+            retrieval = [n for n, t in self.tasks.items() if t.kind == "retrieval"]
+            if retrieval:
+                raise ConfigError(
+                    f"Retrieval task(s) {retrieval} name items, so data=tabular needs the item id column: set "
+                    "data.id_columns.item_id=<column> (the label column holds values of that column)."
+                )
+        self.timestamp_column = str(timestamp_column) if timestamp_column else None
         carved = [k for k, p in (("val", val_path), ("test", test_path)) if not p]
-        fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-        if any(not 0 < fractions[k] < 1 for k in carved) or sum(fractions[k] for k in carved) >= 1:
+        if split not in SPLIT_MODES:
+            raise ConfigError(f"data.split must be one of {list(SPLIT_MODES)}, got {split!r}.")
+        if split != "random" and len(carved) < 2:
             raise ConfigError(
-                f"data.{'_fraction and data.'.join(carved)}_fraction must be in (0, 1) and sum to < 1 (the "
-                f"share of data.path's rows held out), got {', '.join(str(fractions[k]) for k in carved)}."
+                f"data.split={split} carves both val and test out of data.path, so data.val_path and data.test_path "
+                "must be null; with split files of your own, use data.split=random (the default)."
             )
+        if split in COLD_KEY and COLD_KEY[split] not in self.id_columns:
+            raise ConfigError(
+                f"data.split={split} holds {COLD_KEY[split][:-3]}s out of training, so it needs "
+                f"data.id_columns.{COLD_KEY[split]}=<column>."
+            )
+        if split == "temporal" and not self.timestamp_column:
+            raise ConfigError("data.split=temporal orders the rows by time: set data.timestamp_column=<column>.")
+        fractions = {"val": float(val_fraction), "test": float(test_fraction)}
+        if len(carved) == 2:
+            check_split_options(split, cold_fraction, fractions["val"], fractions["test"])
+        elif carved and not 0 < fractions[carved[0]] < 1:
+            raise ConfigError(
+                f"data.{carved[0]}_fraction must be in (0, 1) (the share of data.path's rows held out), got "
+                f"{fractions[carved[0]]}."
+            )
+        self.split, self.cold_fraction = split, cold_fraction
         self.paths = {
             "train": Path(str(path)).expanduser(),
             **{k: Path(str(p)).expanduser() for k, p in (("val", val_path), ("test", test_path)) if p},
@@ -241,38 +366,70 @@ class TabularFileDataModule(TabularDataModule):
         self.split_seed = int(split_seed)
         self.vocabularies: dict[str, list[str]] | None = None
         self.numeric_stats: dict[str, list[float]] | None = None
+        self.label_classes: dict[str, list[str]] = {}  # multiclass tasks with named classes: class id -> name
 
     @property
     def columns(self) -> list[str]:
         labels = [t.label for t in self.tasks.values()]
-        return list(dict.fromkeys([*self.categorical, *self.numeric, *labels]))
+        time = [self.timestamp_column] if self.timestamp_column else []
+        return list(dict.fromkeys([*self.categorical, *self.numeric, *labels, *time]))
+
+    @property
+    def text_columns(self) -> list[str]:
+        """Columns read as text from CSV: the categorical inputs and the item values of retrieval labels."""
+        return [*self.categorical, *(t.label for t in self.tasks.values() if t.kind == "retrieval")]
+
+    def _carve(self, frames: dict[str, pd.DataFrame], id_vocab: Mapping[str, pd.Index]) -> None:
+        """Carve the splits without a file out of the training file's rows (in place)."""
+        main, path = frames["train"], self.paths["train"]
+        n = len(main)
+        if len(self.fractions) == 2:
+            ids = {role: id_vocab[role].get_indexer(text_of(main, c)) + 1 for role, c in self.id_columns.items()}
+            time = timestamps_of(main, self.timestamp_column, path) if self.split == "temporal" else None
+            try:
+                parts = split_rows(
+                    self.split, n, user_id=ids.get("user_id"), item_id=ids.get("item_id"), timestamp=time,
+                    val_fraction=self.fractions["val"], test_fraction=self.fractions["test"],
+                    cold_fraction=self.cold_fraction, seed=self.split_seed,
+                )  # fmt: skip
+            except ConfigError as e:  # the options were checked up front: what is left is about this file's rows
+                raise DataError(f"{path}: {e}") from e
+        else:  # one split file given: carve the other split at random
+            ((split, fraction),) = self.fractions.items()
+            size = math.floor(n * fraction)
+            if size < 1 or size >= n:
+                raise DataError(
+                    f"{path} has {n} rows: too few for data.{split}_fraction={fraction} to give non-empty {split} "
+                    f"and train splits; use a larger file or fraction, or give data.{split}_path."
+                )
+            order = np.random.default_rng(self.split_seed).permutation(n)
+            parts = {split: np.sort(order[:size]), "train": np.sort(order[size:])}
+        for split, rows in parts.items():
+            frames[split] = main.iloc[rows]  # keeps the file's row numbers (for error messages)
 
     def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
-        frames = {k: read_table(p, self.columns, text_columns=self.categorical) for k, p in self.paths.items()}
+        frames = {k: read_table(p, self.columns, text_columns=self.text_columns) for k, p in self.paths.items()}
         sources = dict(self.paths)
-        if self.fractions:  # carve the splits without a file out of the training file's rows
-            main = frames["train"]
-            n = len(main)
-            order = np.random.default_rng(self.split_seed).permutation(n)
-            lo = 0
-            for split, fraction in self.fractions.items():
-                size = math.floor(n * fraction)
-                if size < 1:
-                    raise DataError(
-                        f"{self.paths['train']} has {n} rows: too few for data.{split}_fraction={fraction} to give a "
-                        f"non-empty {split} split; use a larger file or fraction, or give data.{split}_path."
-                    )
-                frames[split] = main.iloc[np.sort(order[lo : lo + size])]  # keeps the file's row numbers
-                lo += size
-            if lo >= n:
-                raise DataError(f"{self.paths['train']} has {n} rows: nothing is left for training after the splits.")
-            frames["train"] = main.iloc[np.sort(order[lo:])]
+        # id vocabularies span every file's rows (and retrieval labels' items), so an id unseen in training
+        # keeps its own id; built before carving, so the same over any split
+        id_values = {role: [text_of(df, c) for df in frames.values()] for role, c in self.id_columns.items()}
+        for task in self.tasks.values():
+            if task.kind == "retrieval":
+                id_values["item_id"] += [text_of(df, task.label) for df in frames.values()]
+        id_vocab = {
+            role: pd.Index(sorted({v for part in parts for v in part if v is not None}))
+            for role, parts in id_values.items()
+        }
+        if self.fractions:
+            self._carve(frames, id_vocab)
             sources.update(dict.fromkeys(self.fractions, self.paths["train"]))
 
         train = frames["train"]
+        id_of = {c: role for role, c in self.id_columns.items()}
         self.vocabularies = {
-            c: sorted({v for v in text_of(train, c) if v is not None}) for c in self.categorical
-        }  # fmt: skip
+            c: list(id_vocab[id_of[c]]) if c in id_of else sorted({v for v in text_of(train, c) if v is not None})
+            for c in self.categorical
+        }
         raw_numeric = {k: [numeric_of(df, c, sources[k]) for c in self.numeric] for k, df in frames.items()}
         self.numeric_stats = {}
         for j, c in enumerate(self.numeric):
@@ -280,6 +437,30 @@ class TabularFileDataModule(TabularDataModule):
             mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
             std = float(np.nanstd(x)) if np.isfinite(x).any() else 1.0
             self.numeric_stats[c] = [mean, std if std > 0 else 1.0]
+
+        labels: dict[str, dict[str, np.ndarray]] = {k: {} for k in frames}
+        self.label_classes = {}
+        for name, task in self.tasks.items():
+            if task.kind == "multiclass":
+                per_split, classes = class_labels(frames, task.label, name, sources)
+                needed = len(classes) if classes is not None else 1 + max(int(v.max()) for v in per_split.values())
+                if task.num_classes is None:
+                    task.num_classes = needed
+                elif task.num_classes < needed:
+                    raise DataError(
+                        f"Task {name!r} has num_classes={task.num_classes}, but its label column {task.label!r} has "
+                        f"{needed} classes" + (f" {classes[:20]}" if classes else f" (0..{needed - 1})") + "; raise "
+                        f"data.tasks.{name}.num_classes or leave it null to count them."
+                    )
+                if classes is not None:
+                    self.label_classes[name] = classes
+            for k, df in frames.items():
+                if task.kind == "multiclass":
+                    labels[k][name] = per_split[k]
+                elif task.kind == "retrieval":  # the item's id; an empty cell (no such item) is 0, no label
+                    labels[k][name] = (id_vocab["item_id"].get_indexer(text_of(df, task.label)) + 1).astype(np.int64)
+                else:
+                    labels[k][name] = labels_of(df, task.label, name, task.kind, sources[k])
 
         splits = {}
         for k, df in frames.items():
@@ -298,15 +479,18 @@ class TabularFileDataModule(TabularDataModule):
                         np.stack(num, axis=1).astype(np.float32) if num else np.zeros((len(df), 0), np.float32)
                     ),
                 },
-                "labels": {
-                    name: torch.from_numpy(labels_of(df, task.label, name, task.kind, sources[k]))
-                    for name, task in self.tasks.items()
-                },
+                "labels": {name: torch.from_numpy(values) for name, values in labels[k].items()},
             }
             for j, role in enumerate(self.id_columns):  # id columns come first among the categorical inputs
                 split[role] = categorical[:, j].clone()
+            if self.timestamp_column:
+                split["timestamp"] = torch.from_numpy(timestamps_of(df, self.timestamp_column, sources[k]))
             splits[k] = split
         spec = FeatureSpec(
-            numeric=tuple(self.numeric), categorical={c: len(self.vocabularies[c]) + 1 for c in self.categorical}
+            numeric=tuple(self.numeric),
+            categorical={c: len(self.vocabularies[c]) + 1 for c in self.categorical},
+            id_columns=dict(self.id_columns),
         )
+        if "item_id" in self.id_columns:
+            self.item_info = ItemInfo(num_items=len(id_vocab["item_id"]))
         return splits["train"], splits["val"], splits["test"], spec
