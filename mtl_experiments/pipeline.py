@@ -172,8 +172,10 @@ def _log_plots(logger, module) -> None:
         log.warning("Could not log the run's plots: %s", e)
 
 
-def print_results(results: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test") -> None:
-    """A task x metric table of the final metrics."""
+def print_results(
+    results: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test", segments: tuple[str, ...] = ()
+) -> None:
+    """A task x metric table of the final metrics; a row per task and evaluation segment (warm, cold_user, ...)."""
     columns: list[str] = []
     for task in tasks.values():
         columns += [m for m in task.metrics() if m not in columns]
@@ -181,15 +183,24 @@ def print_results(results: Mapping[str, float], tasks: Mapping[str, Task], stage
     table.add_column("task")
     for col in columns:
         table.add_column(col, justify="right")
-    for name in tasks:
-        row = [results.get(f"{stage}/{name}/{col}") for col in columns]
-        table.add_row(name, *["" if v is None else f"{float(v):.4f}" for v in row])
+    for prefix, label in [(f"{stage}/", ""), *((f"{stage}/{s}/", f" ({s})") for s in segments)]:
+        for name in tasks:
+            row = [results.get(f"{prefix}{name}/{col}") for col in columns]
+            if any(v is not None for v in row):
+                table.add_row(name + label, *["" if v is None else f"{float(v):.4f}" for v in row])
     Console().print(table)
 
 
 def build_model(cfg: DictConfig, datamodule) -> MultiTaskModel:
     """features -> backbone -> heads, sized from the set-up datamodule's feature spec and tasks."""
-    encoder = build(cfg, "features", spec=datamodule.feature_spec)
+    # a dataset that writes item content vectors offers them as the default for features.new_items=pretrained
+    encoder = build(
+        cfg,
+        "features",
+        spec=datamodule.feature_spec,
+        default_item_vectors=getattr(datamodule, "content_vectors_path", None),
+    )
+    encoder.set_seen(datamodule.seen_ids())  # ids never seen in training get the new-user / new-item representation
     backbone = build(cfg, "backbone", input_dim=encoder.output_dim, task_names=list(datamodule.tasks))
     return MultiTaskModel(encoder, backbone, datamodule.tasks)
 
@@ -204,6 +215,7 @@ def build_module(cfg: DictConfig, datamodule, model: MultiTaskModel):
         weighting=build(cfg, "loss"),
         optimizer=build(cfg, "optimizer"),
         scheduler=build(cfg, "scheduler") if cfg.get("scheduler") else None,
+        segments=datamodule.segments,
     )
 
 
@@ -223,14 +235,18 @@ def train(cfg: DictConfig) -> float | None:
     # 1. build and validate everything (no run exists yet, so a bad value leaves nothing behind)
     datamodule = build(cfg, "data")
     tasks = datamodule.tasks
+    # generate / load now: a missing file or a bad label fails here, in seconds; and what the data holds decides
+    # some metric names (val/<task>/gauc needs user ids), so the optimized metric is checked after it
+    datamodule.setup()
     resolve_optimized_metric(cfg, tasks)  # before anything reads ${optimized_mode}
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     params = tracking.flatten(run_cfg)
     changed = tracking.changed_params(resume.run, params) if resume is not None and resume.run is not None else {}
     if changed:
         check_resumable(resume, changed)
-    datamodule.setup()  # generate / load now: a missing file or a bad label fails here, in seconds
     module = build_module(cfg, datamodule, build_model(cfg, datamodule))
+    # the resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model (recommend.py)
+    module.run_config = OmegaConf.to_yaml(run_cfg, resolve=True)
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     if resume is not None:
         resume.apply(callbacks)  # checkpoints continue in the resumed run's folder
@@ -282,7 +298,9 @@ def train(cfg: DictConfig) -> float | None:
             # at the last step (not 0): a resumed run that trains on writes a new value after the old one
             mlflow_logger.log_metrics(summary, step=trainer.global_step)
         if trainer.is_global_zero:
-            print_results(results, tasks)
+            print_results(results, tasks, segments=datamodule.segments)
+            if mlflow_logger is not None:  # what mtl-recommend --run-id and resume= take
+                Console().print(f"MLflow run {mlflow_logger.run_id} ({mlflow_logger._tracking_uri})")
         _report_tracking(mlflow_logger)
         return best
     except BaseException as e:

@@ -69,6 +69,20 @@ samples (eval mode, ``torch.inference_mode``, one batch of 10k test rows, median
 interleaved rounds; T models = T forward passes) and the test AUROC of the final weights, so
 "comparable AUC" is visible; the T-model row sums parameters, times and latencies.
 
+With ``--sparse-scale`` it instead measures what large id tables cost per training step: a model of a user
+and an item id table of N rows each (``--sizes``, default 10k, 100k and 1M; the real ``FeatureEncoder``,
+embedding dimension 16) and a small MLP (32 -> 64 -> 1, binary cross-entropy on random labels), batch 512 of
+uniformly drawn ids (``--batch-size``), in two modes: ``dense`` (ordinary tables, dense gradients, ``torch.optim.Adam``:
+every step reads and writes every row and its moments) and ``sparse`` (``features.sparse=true`` tables and
+``optimizer=sparse_adam``: SparseAdam for the tables, AdamW for the MLP). Step time = zero_grad + forward +
+backward + optimizer step, median of ``--steps`` steps (default 50) after 5 untimed warm-up steps. Peak memory
+= the peak resident set size (``ru_maxrss``) minus the RSS after imports, so it covers the model, gradients,
+optimizer state, batches and activations; each (mode, N) runs in a fresh process so every peak is its own
+(tracemalloc cannot see torch's allocations). The ``--repeats`` rounds run every configuration once each,
+interleaved; the table reports the medians over rounds and the ratios largest N / smallest N per mode (aim:
+the sparse step time grows <= 1.5x from 10k to 1M rows). Run it with ``OMP_NUM_THREADS=1`` to compare with
+the figures in the docs.
+
 Run (any Hydra override of ``train.py`` applies)::
 
     python scripts/benchmark.py
@@ -78,6 +92,7 @@ Run (any Hydra override of ``train.py`` applies)::
     python scripts/benchmark.py --conflict --repeats 5
     python scripts/benchmark.py --census --json census.json          # plain, lightning, rechub
     python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --sparse-scale --json sparse.json
 """
 
 from __future__ import annotations
@@ -89,6 +104,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -412,15 +428,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--one-vs-many", action="store_true", help="one multi-task model against T single-task models (table)"
     )
+    parser.add_argument(
+        "--sparse-scale",
+        action="store_true",
+        help="step time and peak memory of 10k..1M-row id tables, dense vs sparse",
+    )
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="id table rows for --sparse-scale")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per --sparse-scale run (median)")
+    parser.add_argument("--batch-size", type=int, default=512, help="batch size of --sparse-scale")
+    parser.add_argument("--sparse-scale-one", default=None, help=argparse.SUPPRESS)  # MODE:ROWS, in a child process
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if (args.epochs is not None and args.epochs < 1) or args.repeats < 1:
         parser.error("--epochs and --repeats must be >= 1")
-    if sum([args.methods, args.conflict, args.one_vs_many]) > 1:
-        parser.error("--methods, --conflict and --one-vs-many are separate measurements: choose one")
-    if args.rechub and (args.methods or args.conflict or args.one_vs_many):
+    if sum([args.methods, args.conflict, args.one_vs_many, args.sparse_scale]) > 1:
+        parser.error("--methods, --conflict, --one-vs-many and --sparse-scale are separate measurements: choose one")
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1")
+    if args.rechub and (args.methods or args.conflict or args.one_vs_many or args.sparse_scale):
         parser.error(
             "--rechub adds a contender to the throughput measurement, not to --methods/--conflict/--one-vs-many"
         )
@@ -831,13 +858,164 @@ def throughput(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# -- --sparse-scale: large id tables, dense Adam against sparse gradients + SparseAdam -------------------------
+SPARSE_MODES = ("dense", "sparse")
+SPARSE_DIM = 16
+SPARSE_WARMUP = 5
+SPARSE_TARGET = 1.5
+
+
+def _rss_mb() -> float:
+    """The resident set size now (Linux /proc), else the peak so far (ru_maxrss), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
+
+
+def sparse_scale_model(rows: int, sparse: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """User and item id tables of ``rows`` rows each (+ the id 0) through the real encoder, and a small MLP."""
+    from mtl_experiments.features import FeatureEncoder
+    from mtl_experiments.optimizer.sparse_adam import SparseDenseAdam
+
+    spec = FeatureSpec(
+        categorical={"user_id": rows + 1, "item_id": rows + 1}, id_columns={"user_id": "user_id", "item_id": "item_id"}
+    )
+    torch.manual_seed(0)
+    encoder = FeatureEncoder(spec, embedding_dim=SPARSE_DIM, sparse=sparse)
+    model = torch.nn.Sequential(
+        encoder, torch.nn.Linear(encoder.output_dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1), torch.nn.Flatten(0)
+    )
+    optimizer = (
+        SparseDenseAdam(model.parameters(), lr=1e-3) if sparse else torch.optim.Adam(model.parameters(), lr=1e-3)
+    )
+    return model, optimizer
+
+
+def sparse_scale_one(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One (mode, rows) measurement in this (fresh) process; prints its JSON line."""
+    mode, rows = args.sparse_scale_one.split(":")
+    rows = int(rows)
+    baseline = _rss_mb()
+    model, optimizer = sparse_scale_model(rows, sparse=mode == "sparse")
+    g = torch.Generator().manual_seed(0)
+    n = SPARSE_WARMUP + args.steps
+    ids = torch.randint(1, rows + 1, (n, args.batch_size, 2), generator=g)
+    labels = (torch.rand(n, args.batch_size, generator=g) < 0.2).float()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss_fn(model({"categorical": ids[i]}), labels[i]).backward()
+        optimizer.step()
+        if i >= SPARSE_WARMUP:
+            times.append(time.perf_counter() - start)
+    print(
+        json.dumps(
+            {
+                "ms_per_step": 1e3 * statistics.median(times),
+                "peak_mb": _peak_rss_mb() - baseline,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "num_threads": torch.get_num_threads(),
+            }
+        )
+    )
+    return 0
+
+
+def sparse_scale(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Step time and peak memory per table size, dense Adam against sparse tables + SparseAdam; ratios per mode."""
+    if overrides:
+        raise ConfigError(f"--sparse-scale builds its own model and takes no Hydra overrides, got {overrides}.")
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--sizes must be comma-separated positive integers, got {args.sizes!r}.")
+    configs = [(mode, rows) for rows in sizes for mode in SPARSE_MODES]
+    runs: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
+    for _ in range(args.repeats):  # interleaved rounds, each measurement in a fresh process (its own peak RSS)
+        for mode, rows in configs:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--sparse-scale-one", f"{mode}:{rows}"]
+            cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{mode} with {rows} rows failed:\n{proc.stderr[-2000:]}")
+            runs[(mode, rows)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ms = {c: statistics.median(r["ms_per_step"] for r in rs) for c, rs in runs.items()}
+    mb = {c: statistics.median(r["peak_mb"] for r in rs) for c, rs in runs.items()}
+    small, large = min(sizes), max(sizes)
+    ratios = {
+        mode: {"time": ms[(mode, large)] / ms[(mode, small)], "memory": mb[(mode, large)] / mb[(mode, small)]}
+        for mode in SPARSE_MODES
+    }
+    threads = runs[configs[0]][0]["num_threads"]
+    table = Table(
+        title=f"id tables (user + item, dim {SPARSE_DIM}) + MLP, batch {args.batch_size}: median of {args.steps} "
+        f"steps x {args.repeats} round(s), {threads} thread(s)"
+    )
+    table.add_column("rows per table", justify="right")
+    for mode in SPARSE_MODES:
+        table.add_column(f"{mode} ms/step", justify="right")
+        table.add_column(f"{mode} peak MB", justify="right")
+    table.add_column("dense / sparse time", justify="right")
+    for rows in sizes:
+        cells = []
+        for mode in SPARSE_MODES:
+            cells += [f"{ms[(mode, rows)]:.2f}", f"{mb[(mode, rows)]:.0f}"]
+        table.add_row(f"{rows:,}", *cells, f"{ms[('dense', rows)] / ms[('sparse', rows)]:.1f}x")
+    table.add_row(
+        f"{large:,} / {small:,}",
+        *[f"{ratios[m][k]:.2f}x" for m in SPARSE_MODES for k in ("time", "memory")],
+        "",
+    )
+    Console(width=140).print(table)
+    growth = ratios["sparse"]["time"]
+    verdict = "met" if growth <= SPARSE_TARGET else "not met"
+    print(f"sparse step time {large:,} / {small:,} rows: {growth:.2f}x (target <= {SPARSE_TARGET}x: {verdict})")
+    if args.json is not None:
+        write_json(
+            args.json,
+            {
+                "sizes": sizes,
+                "embedding_dim": SPARSE_DIM,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "num_threads": threads,
+                "ms_per_step": {f"{m}@{r}": v for (m, r), v in ms.items()},
+                "peak_mb": {f"{m}@{r}": v for (m, r), v in mb.items()},
+                "parameters": {f"{m}@{r}": rs[0]["parameters"] for (m, r), rs in runs.items()},
+                "ratios": ratios,
+                "target": SPARSE_TARGET,
+            },
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # "consider more workers" and similar hints are about the user's setup, not this measurement
     warnings.filterwarnings("ignore", module=r"lightning\.")
-    if args.methods:
+    if args.sparse_scale_one:
+        mode = sparse_scale_one
+    elif args.sparse_scale:
+        mode = sparse_scale
+    elif args.methods:
         mode = method_step_times
     elif args.conflict:
         mode = conflict_overhead

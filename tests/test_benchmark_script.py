@@ -214,3 +214,41 @@ def test_measurements_are_chosen_one_at_a_time():
     args, overrides = bench.parse_args(["--census", "--one-vs-many", "seed=1"])
     assert overrides == ["experiment=census_mmoe", "seed=1"] and args.epochs == 5
     assert bench.parse_args([])[0].epochs == 3
+
+
+# -- large id tables: dense Adam against sparse gradients + SparseAdam ----------------------------------------
+def test_sparse_scale_reports_step_time_memory_and_ratios_per_mode(tmp_path):
+    out = tmp_path / "sparse.json"
+    args = ["--sparse-scale", "--sizes", "100,3000", "--steps", "2", "--repeats", "1", "--json", str(out)]
+    proc = _run(args, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "sparse step time 3,000 / 100 rows" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["sizes"] == [100, 3000] and result["batch_size"] == 512 and result["steps"] == 2
+    keys = {f"{mode}@{rows}" for mode in ("dense", "sparse") for rows in (100, 3000)}
+    assert set(result["ms_per_step"]) == keys and set(result["peak_mb"]) == keys
+    assert all(v > 0 for v in result["ms_per_step"].values())
+    # both modes train the same model: two tables of rows + 1 (the id 0) x 16, and the MLP 32 -> 64 -> 1
+    expected = 2 * 3001 * 16 + (32 * 64 + 64) + (64 + 1)
+    assert result["parameters"]["dense@3000"] == result["parameters"]["sparse@3000"] == expected
+    for mode in ("dense", "sparse"):
+        ms = result["ms_per_step"]
+        assert result["ratios"][mode]["time"] == pytest.approx(ms[f"{mode}@3000"] / ms[f"{mode}@100"])
+    bench = _load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sparse-scale", "--methods"])
+    with pytest.raises(ConfigError, match="no Hydra overrides"):
+        bench.sparse_scale(*bench.parse_args(["--sparse-scale", "data=recsys_synthetic"]))
+    with pytest.raises(ConfigError, match="--sizes must be"):
+        bench.sparse_scale(*bench.parse_args(["--sparse-scale", "--sizes", "10,x"]))
+
+
+def test_sparse_scale_model_has_sparse_tables_only_in_sparse_mode():
+    bench = _load_script()
+    for sparse in (False, True):
+        model, optimizer = bench.sparse_scale_model(50, sparse=sparse)
+        ids = torch.randint(1, 51, (8, 2))
+        torch.nn.functional.binary_cross_entropy_with_logits(model({"categorical": ids}), torch.ones(8)).backward()
+        grads = [p.grad.is_sparse for p in model[0].parameters()]
+        assert grads == ([True, True] if sparse else [False])  # dense: one shared table of both columns
+        optimizer.step()
