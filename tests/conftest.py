@@ -287,6 +287,140 @@ def tabular_csv(tmp_path: Path) -> Path:
     return write_tabular_file(tmp_path / "tabular" / "interactions.csv")
 
 
+# ---- MovieLens-1M and KuaiRand, in their published file formats ---------------------------------------------
+
+ML_GENRES = (
+    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+
+def movielens_lines(num_users: int = 30, num_movies: int = 40, per_user: int = 15, seed: int = 0) -> dict:
+    """``{file name: [lines]}`` of a small ml-1m folder: raw ids with gaps (user 3u+2, movie 2k+1), a latin-1
+    title, a title without a year, a user and a movie without ratings, equal timestamps, and ratings that
+    follow a per-user favourite genre (so ``liked`` is learnable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    movies, primary = [], []
+    for k in range(num_movies):
+        title = {0: "Misérables, Les (1995)", 1: "City of Lost Children, The (1995)", 2: "Untitled"}.get(
+            k, f"Movie {k} ({1950 + (7 * k) % 50})"
+        )
+        genres = [ML_GENRES[k % len(ML_GENRES)]]
+        if k % 3:
+            genres.append(ML_GENRES[(5 * k + 3) % len(ML_GENRES)])
+        genres = list(dict.fromkeys(genres))
+        primary.append(genres[0])
+        movies.append(f"{2 * k + 1}::{title}::{'|'.join(genres)}")
+    users, ratings = [], []
+    for u in range(num_users):
+        zip_code = "98107-2117" if u == 1 else f"{(37 * u) % 10}{1000 + u}"
+        users.append(f"{3 * u + 2}::{'MF'[u % 2]}::{(1, 18, 25, 35, 45, 50, 56)[u % 7]}::{u % 21}::{zip_code}")
+        if u == num_users - 1:
+            continue  # a user without ratings: in the catalogue only
+        favourite = {primary[j] for j in rng.choice(num_movies - 1, 3, replace=False)}
+        for j, k in enumerate(rng.choice(num_movies - 1, per_user, replace=False)):  # the last movie: no ratings
+            stars = int(np.clip(round(2.5 + 2 * (primary[k] in favourite) + rng.normal(0, 0.7)), 1, 5))
+            ratings.append(f"{3 * u + 2}::{2 * k + 1}::{stars}::{978300000 + 1000 * u + 10 * (j // 2)}")
+    rng.shuffle(ratings)  # the file is not in time order
+    return {"users.dat": users, "movies.dat": movies, "ratings.dat": ratings}
+
+
+def write_movielens(root: Path, lines: dict | None = None, encoding: str = "latin-1") -> Path:
+    """The ml-1m files (``::``-separated, ISO-8859-1 like the originals) into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (lines or movielens_lines()).items():
+        (root / name).write_bytes("".join(f"{r}\n" for r in rows).encode(encoding))
+    return root
+
+
+KUAIRAND_LOG_COLUMNS = (
+    "user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like", "is_follow", "is_comment",
+    "is_forward", "is_hate", "long_view", "play_time_ms", "duration_ms", "profile_stay_time", "comment_stay_time",
+    "is_profile_enter", "is_rand", "tab",
+)  # fmt: skip
+
+
+def kuairand_frames(num_users: int = 25, num_videos: int = 40, rows: int = 1200, seed: int = 0) -> dict:
+    """``{file name: DataFrame}`` of a small KuaiRand-Pure data folder with every column of the published files:
+    two standard logs and a random one, the user features (one user without logs, missing onehot values) and the
+    basic video features (one video without logs, one without a duration, comma-separated tags). Clicks follow
+    a user-video match, so ``click`` is learnable."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    user_raw, video_raw = np.arange(num_users), 100 + 3 * np.arange(num_videos)
+    taste, appeal = rng.normal(size=num_users), rng.normal(size=num_videos)
+    durations = rng.integers(5_000, 120_000, num_videos)
+
+    def log(n: int, start_ms: int, day: int, rand: int) -> pd.DataFrame:
+        u = rng.integers(0, num_users - 1, n)  # the last user has no logs
+        v = rng.integers(0, num_videos - 1, n)  # nor the last video
+        click = (taste[u] * appeal[v] + rng.normal(0, 0.5, n) > 0).astype(int)
+        play = np.where(click == 1, rng.uniform(0.3, 1.5, n) * durations[v], rng.uniform(0, 2000, n)).astype(int)
+        t = np.sort(start_ms + rng.integers(0, 86_400_000 * 3, n))
+        t[1] = t[0]  # equal timestamps
+        minute = (t // 60_000) % 1440
+        return pd.DataFrame(
+            {
+                "user_id": user_raw[u], "video_id": video_raw[v], "date": day + (t - start_ms) // 86_400_000,
+                "hourmin": (minute // 60) * 100 + minute % 60, "time_ms": t, "is_click": click,
+                "is_like": click * (rng.random(n) < 0.3), "is_follow": click * (rng.random(n) < 0.1),
+                "is_comment": click * (rng.random(n) < 0.1), "is_forward": click * (rng.random(n) < 0.1),
+                "is_hate": (1 - click) * (rng.random(n) < 0.05),
+                "long_view": (play >= np.minimum(durations[v], 18_000)).astype(int), "play_time_ms": play,
+                "duration_ms": durations[v], "profile_stay_time": 0, "comment_stay_time": 0,
+                "is_profile_enter": click * (rng.random(n) < 0.1), "is_rand": rand, "tab": rng.integers(0, 15, n),
+            },
+            columns=list(KUAIRAND_LOG_COLUMNS),
+        )  # fmt: skip
+
+    ranges = ("0", "(0,10]", "(10,50]", "(50,100]")
+    users = pd.DataFrame(
+        {
+            "user_id": user_raw,
+            "user_active_degree": rng.choice(["high_active", "full_active", "middle_active", "UNKNOWN"], num_users),
+            "is_lowactive_period": rng.integers(0, 2, num_users), "is_live_streamer": rng.integers(0, 2, num_users),
+            "is_video_author": rng.integers(0, 2, num_users), "follow_user_num": rng.integers(0, 100, num_users),
+            "follow_user_num_range": rng.choice(ranges, num_users), "fans_user_num": rng.integers(0, 9, num_users),
+            "fans_user_num_range": rng.choice(["0", "[1,10)"], num_users), "friend_user_num": 0,
+            "friend_user_num_range": "0", "register_days": rng.integers(15, 900, num_users),
+            "register_days_range": rng.choice(["15-30", "31-60", "730+"], num_users),
+            **{f"onehot_feat{k}": rng.integers(0, 3, num_users) for k in range(18)},
+        }
+    )  # fmt: skip
+    users["onehot_feat3"] = users["onehot_feat3"].astype("Int64").mask(users.index % 4 == 0)  # empty fields
+    videos = pd.DataFrame(
+        {
+            "video_id": video_raw, "author_id": rng.integers(0, 10, num_videos),
+            "video_type": rng.choice(["NORMAL", "AD"], num_videos, p=[0.9, 0.1]), "upload_dt": "2022-03-01",
+            "upload_type": rng.choice(["ShortImport", "LongImport", "Web"], num_videos), "visible_status": "public",
+            "video_duration": durations.astype(float), "server_width": 720, "server_height": 1280,
+            "music_id": rng.integers(0, 10**9, num_videos), "music_type": rng.integers(0, 5, num_videos),
+            "tag": [",".join(str(t) for t in rng.choice(30, 1 + k % 3, replace=False)) for k in range(num_videos)],
+        }
+    )  # fmt: skip
+    videos.loc[3, "video_duration"] = np.nan
+    first, second = rows // 2, rows - rows // 2
+    return {
+        "log_standard_4_08_to_4_21_pure.csv": log(first, 1_649_376_000_000, 20220408, 0),
+        "log_standard_4_22_to_5_08_pure.csv": log(second, 1_650_585_600_000, 20220422, 0),
+        "log_random_4_22_to_5_08_pure.csv": log(rows // 4, 1_650_585_600_000, 20220422, 1),
+        "user_features_pure.csv": users,
+        "video_features_basic_pure.csv": videos,
+    }
+
+
+def write_kuairand(root: Path, frames: dict | None = None) -> Path:
+    """The KuaiRand CSV files (header, ',' separated, quoted where a value has a comma) into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, frame in (frames or kuairand_frames()).items():
+        frame.to_csv(root / name, index=False)
+    return root
+
+
 @pytest.fixture
 def tiny_data(request, tmp_path: Path):
     """``tiny_data(name)`` -> overrides that train ``conf/data/<name>.yaml`` in seconds (``make_cfg(...,
@@ -303,6 +437,12 @@ def tiny_data(request, tmp_path: Path):
             return [*RECSYS_TINY, f"data.cache_dir={tmp_path / 'cache'}"]
         if name == "tabular":
             return [f"data.path={request.getfixturevalue('tabular_csv')}", *TABULAR_CONFIG, "data.batch_size=32"]
+        if name == "movielens":
+            root = write_movielens(tmp_path / "ml-1m")
+            return [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=64"]
+        if name == "kuairand":
+            root = write_kuairand(tmp_path / "kuairand")
+            return [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=64"]
         raise KeyError(f"tests/conftest.py:tiny_data has no tiny overrides for data={name}; add them there.")
 
     return overrides
