@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, options
+from tests.conftest import CONF, RECSYS_TINY, options
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -17,6 +17,8 @@ def test_experiment_trains_and_selects_on_validation(name, census_root, make_cfg
     overrides = [f"experiment={name}", "trainer.max_epochs=1", "trainer.enable_model_summary=false"]
     if name.startswith("census_"):
         overrides += [f"data.root={census_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=16"]
+    if name.startswith("recsys_"):
+        overrides += [*RECSYS_TINY, f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = make_cfg(*overrides, "~callbacks.progress_bar", tiny=False)
     # the experiment's own values win over the defaults (it is applied after train.yaml)
     assert cfg.optimized_metric == raw.optimized_metric and cfg.optimized_metric.startswith("val/")
