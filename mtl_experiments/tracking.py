@@ -164,14 +164,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     # other schemes (databricks, postgresql, ...) are validated by MLflow when the run is created
 
 
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A file lock beside a SQLite store (``<db>.lock``), else nothing. MLflow creates or migrates the schema of
+    a new SQLite store when a client first opens it, and two processes doing that at once (two sweeps started
+    together) fail with ``duplicate column name``; under the lock the second one finds the schema done."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(uri[len("sqlite:///") :])
+    return FileLock(str(path.with_name(path.name + ".lock")), timeout=300)
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Create the store's schema and the experiment (if needed) once, before anything is trained."""
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else client.create_experiment(name)
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(name)
+            return exp.experiment_id if exp else client.create_experiment(name)
     except Exception as e:  # noqa: BLE001 - any store failure becomes one readable message
         raise TrackingError(
             f"MLflow store {redact(uri)} failed while opening experiment {name!r}: {redact(str(e))}. {_FIX}"

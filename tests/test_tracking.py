@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mtl_experiments import tracking
 from mtl_experiments.errors import TrackingError
 from mtl_experiments.pipeline import train
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 
 def test_default_uri_is_an_absolute_sqlite_file_in_the_launch_dir(monkeypatch, tmp_path):
@@ -74,3 +76,41 @@ def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch
         "config/config.yaml",
         "config/overrides.yaml",
     }
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient  # imported before the barrier, so the store calls start together
+from mtl_experiments import tracking
+Path(sys.argv[3]).touch()
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+print(tracking.ensure_experiment(sys.argv[1], "race"))
+"""
+
+
+def test_concurrent_runs_create_a_new_sqlite_store_once(tmp_path):
+    """Sweeps started together on a store that does not exist yet: MLflow creates (migrates) the SQLite schema
+    on first use, and unserialised processes fail ('duplicate column name', alembic 'expected to match one
+    row'; measured: 3 of 4 failed); under the store lock every process gets the one experiment."""
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, uri, str(go), str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        for r in ready
+    ]
+    deadline = time.time() + 120
+    while not all(r.exists() for r in ready) and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
