@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,24 @@ def mlflow_runs(tracking_uri: str):
         return client.search_runs(exps) if exps else []
 
     return runs
+
+
+@pytest.fixture
+def train_run(make_cfg, mlflow_runs):
+    """``train_run(*overrides, metrics=())``: trains ``train.py <overrides>`` (not TINY: the overrides name the data
+    and the epochs) without model summary or progress bar, asserts that it tracked one FINISHED run that logged
+    each of ``metrics``, and returns that run."""
+    from mtl_experiments.pipeline import train
+
+    def run(*overrides: str, metrics: Sequence[str] = ()):
+        train(make_cfg(*overrides, "trainer.enable_model_summary=false", "~callbacks.progress_bar", tiny=False))
+        (tracked,) = mlflow_runs()
+        assert tracked.info.status == "FINISHED"
+        for key in metrics:
+            assert key in tracked.data.metrics, (key, sorted(tracked.data.metrics))
+        return tracked
+
+    return run
 
 
 def free_port() -> int:

@@ -207,9 +207,7 @@ def test_config_errors(tmp_path):
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"the real Census-Income files are not at {REAL}")
-def test_real_files_follow_the_mmoe_protocol(tmp_path, make_cfg, mlflow_runs):
-    from mtl_experiments.pipeline import train
-
+def test_real_files_follow_the_mmoe_protocol(tmp_path, train_run):
     start = time.perf_counter()
     dm = module(REAL, tmp_path)
     first = time.perf_counter() - start
@@ -226,19 +224,9 @@ def test_real_files_follow_the_mmoe_protocol(tmp_path, make_cfg, mlflow_runs):
     module(REAL, tmp_path)
     assert time.perf_counter() - start < min(2.0, first)  # the cache: "a second run starts in about a second"
     # one epoch of training on the real data, from the cache
-    train(
-        make_cfg(
-            "data=census_income",
-            f"data.root={REAL}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "trainer.max_epochs=1",
-            "trainer.enable_model_summary=false",
-            "~callbacks.progress_bar",
-            tiny=False,
-        )
+    run = train_run(
+        "data=census_income", f"data.root={REAL}", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"
     )
-    (run,) = mlflow_runs()
-    assert run.info.status == "FINISHED"
     assert run.data.metrics["test/income/auroc"] > 0.85 and run.data.metrics["test/marital/auroc"] > 0.9
 
 
@@ -270,10 +258,8 @@ def test_feature_encoder_per_column_dims():
     assert FeatureSpec.from_dict(spec.to_dict()) == spec
 
 
-def test_per_column_dims_from_the_command_line(census_root, make_cfg, mlflow_runs, tmp_path):
-    from mtl_experiments.pipeline import train
-
-    cfg = make_cfg(
+def test_per_column_dims_from_the_command_line(census_root, train_run, tmp_path):
+    run = train_run(
         "data=census_income",
         f"data.root={census_root}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -282,13 +268,7 @@ def test_per_column_dims_from_the_command_line(census_root, make_cfg, mlflow_run
         "features.embedding_dims={state_prev_res: 5}",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false",
-        "~callbacks.progress_bar",
-        tiny=False,
     )
-    train(cfg)
-    (run,) = mlflow_runs()
-    assert run.info.status == "FINISHED"
     assert run.data.params["features.embedding_dims.state_prev_res"] == "5"
 
 

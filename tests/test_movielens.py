@@ -12,7 +12,6 @@ import torch
 from mtl_experiments.data import movielens
 from mtl_experiments.data.movielens import GENRE_COLUMNS, GENRES, NUMERIC, MovieLensDataModule
 from mtl_experiments.errors import ConfigError, DataError
-from mtl_experiments.pipeline import train
 from tests.conftest import movielens_lines, write_movielens
 
 TASKS = {
@@ -308,9 +307,9 @@ def test_config_errors(tmp_path):
         MovieLensDataModule(like_threshold=6)
 
 
-def test_trains_end_to_end_with_every_signal_on_a_cold_user_split(make_cfg, mlflow_runs, tmp_path):
+def test_trains_end_to_end_with_every_signal_on_a_cold_user_split(train_run, tmp_path):
     root = write_movielens(tmp_path / "ml")
-    cfg = make_cfg(
+    train_run(
         "data=movielens",
         f"data.root={root}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -320,14 +319,6 @@ def test_trains_end_to_end_with_every_signal_on_a_cold_user_split(make_cfg, mlfl
         "data.batch_size=64",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false",
-        "~callbacks.progress_bar",
-        tiny=False,
-    )
-    train(cfg)
-    (run,) = mlflow_runs()
-    assert run.info.status == "FINISHED"
-    m = run.data.metrics
-    for key in ("test/rating/mse", "test/liked/auroc", "test/genre_interest/auroc", "test/next_item/ndcg_10",
-                "test/next_genre/accuracy", "train/loss/next_item"):  # fmt: skip
-        assert key in m, (key, sorted(m))
+        metrics=("test/rating/mse", "test/liked/auroc", "test/genre_interest/auroc", "test/next_item/ndcg_10",
+                 "test/next_genre/accuracy", "train/loss/next_item"),
+    )  # fmt: skip

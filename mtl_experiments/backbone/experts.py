@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
 from mtl_experiments.errors import ConfigError
 
 
@@ -82,3 +83,37 @@ def gate(in_dim: int, num_experts: int) -> nn.Sequential:
 def mix(gates: Tensor, experts: Tensor) -> Tensor:
     """``Σ_e g[b, e] · experts[b, e, :]``: gates ``[B, E]``, experts ``[B, E, D]`` -> ``[B, D]``."""
     return torch.einsum("be,bed->bd", gates, experts)
+
+
+class ExpertsBackbone(Backbone):
+    """The part OMoE and MMoE share: checked options, one ``Experts`` block shared by all tasks, the gate(s) a
+    subclass adds in ``add_gates``, then a tower MLP per task over the gated mixture.
+
+    ``last_shared_layer`` is the experts' last layer (one ``nn.Linear`` spanning all experts);
+    ``gate_weights`` holds ``{task: softmax gate [B, E]}`` after each forward.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        task_names: Sequence[str],
+        num_experts: int = 8,
+        expert_dims: Sequence[int] = (64,),
+        tower_dims: Sequence[int] = (32,),
+        dropout: float = 0.0,
+        activation: str = "ReLU",
+    ):
+        super().__init__(input_dim, task_names)
+        check_common(dropout, activation, tower_dims)
+        self.experts = Experts(input_dim, num_experts, expert_dims, dropout, activation)
+        # the gates between the experts and the towers: a seed initialises the same parameters as it always did
+        self.add_gates(input_dim, self.experts.num_experts)
+        d = self.experts.output_dim
+        self.towers = nn.ModuleDict({t: mlp(d, tower_dims, dropout, activation) for t in self.task_names})
+        self.output_dim = mlp_output_dim(d, tower_dims)
+        self.last_shared_layer = f"experts.{self.experts.last_layer_path}"
+        self.gate_weights: dict[str, Tensor] = {}
+
+    def add_gates(self, input_dim: int, num_experts: int) -> None:
+        """Create the gate module(s) as attributes (made between the experts and the towers)."""
+        raise NotImplementedError

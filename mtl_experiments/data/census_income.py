@@ -35,7 +35,6 @@ conf/data/census_income.yaml: ``root`` defaults to ``$MTL_CENSUS_ROOT`` else ``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, Split, TabularDataModule, _gather, require_file
+from mtl_experiments.data.base import FeatureSpec, Split, _gather, require_file
+from mtl_experiments.data.cache import CachedDataModule
 from mtl_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,10 @@ def read_census(path: Path) -> pd.DataFrame:
     return df
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class CensusIncomeDataModule(TabularDataModule):
+class CensusIncomeDataModule(CachedDataModule):
     """The MMoE Census-Income benchmark; see the module docstring for files, tasks, inputs and splits."""
+
+    NAME, CACHE_PREFIX = "Census-Income", "census-income"
 
     def __init__(
         self,
@@ -193,7 +187,7 @@ class CensusIncomeDataModule(TabularDataModule):
             raise ConfigError(f"data.task_group must be one of {sorted(TASK_GROUPS)}, got {task_group}.")
         if tasks is None:  # the group's own tasks, so 'data.task_group=2' alone switches the benchmark
             tasks = {name: {"kind": "binary"} for name in TASK_GROUPS[int(task_group)]}
-        super().__init__(tasks=tasks, **kwargs)
+        super().__init__(tasks=tasks, root=root, cache=cache, cache_dir=cache_dir, **kwargs)
         self.task_group = int(task_group)
         expected = TASK_GROUPS[self.task_group]
         if sorted(self.tasks) != sorted(expected):
@@ -212,15 +206,10 @@ class CensusIncomeDataModule(TabularDataModule):
                 f"data.college_levels must be a non-empty list of education values of the UCI file; "
                 f"unknown: {unknown}. Valid values: {list(EDUCATION_LEVELS)}."
             )
-        self.root = Path(str(root)).expanduser()
         self.college_levels = sorted(set(levels))
         self.split_seed = int(split_seed)
-        self.cache = bool(cache)
-        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
         self.download, self.download_url = bool(download), str(download_url)
         self.download_sha256 = dict(download_sha256) if download_sha256 is not None else None
-        self.vocabularies: dict[str, list[str]] | None = None
-        self.numeric_stats: dict[str, list[float]] | None = None
 
     # ---- config -> key ------------------------------------------------------------------------------
     def preprocessing_config(self) -> dict:
@@ -232,36 +221,11 @@ class CensusIncomeDataModule(TabularDataModule):
             "split_seed": self.split_seed,
         }
 
-    def cache_key(self, paths: Mapping[str, Path]) -> str:
-        blob = {
-            "files": {split: [p.name, file_sha256(p)] for split, p in paths.items()},
-            "config": self.preprocessing_config(),
-        }
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
-
     # ---- loading ------------------------------------------------------------------------------------
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+    def files(self) -> dict[str, Path]:
         if self.download:
             download(self.root, self.download_url, self.download_sha256)
-        paths = {split: find_file(self.root, name) for split, name in FILES.items()}
-        cache_file = None
-        if self.cache and self.cache_dir is not None:
-            cache_file = self.cache_dir / f"census-income-{self.cache_key(paths)}.pt"
-            if cache_file.is_file():
-                try:
-                    data = torch.load(cache_file, weights_only=True)
-                    log.info("Census-Income: loaded the preprocessed data from the cache %s", cache_file)
-                    return self._unpack(data)
-                except Exception as e:  # a truncated or foreign file: rebuild it
-                    log.warning("Census-Income: ignoring unreadable cache file %s (%s)", cache_file, e)
-        data = self.preprocess(read_census(paths["train"]), read_census(paths["test"]))
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            os.replace(tmp, cache_file)  # atomic: a concurrent run never reads half a file
-            log.info("Census-Income: cached the preprocessed data in %s", cache_file)
-        return self._unpack(data)
+        return {split: find_file(self.root, name) for split, name in FILES.items()}
 
     def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
         self.vocabularies, self.numeric_stats = data["vocabularies"], data["numeric_stats"]
@@ -276,8 +240,9 @@ class CensusIncomeDataModule(TabularDataModule):
         }
         return {name: torch.from_numpy(columns[name].to_numpy(np.float32)) for name in self.tasks}
 
-    def preprocess(self, train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict:
-        """Both raw frames -> tensors of the three splits, feature spec and the fitted statistics."""
+    def preprocess(self, files: Mapping[str, Path]) -> dict:
+        """Both raw files -> tensors of the three splits, feature spec and the fitted statistics."""
+        train_df, test_df = read_census(files["train"]), read_census(files["test"])
         numeric = {}
         stats = {}
         for name, df in (("train", train_df), ("test", test_df)):

@@ -34,7 +34,7 @@ the order listed): ``split`` random, cold_user, cold_item or temporal. Batches c
 video_id) and ``timestamp`` (time_ms). Everything is held in memory: KuaiRand-Pure and -1K fit, -27K (322M rows)
 does not.
 
-Cache: as MovieLens (data/movielens.py), keyed by the sha256 of every file read plus the preprocessing config.
+Cache: data/cache.py, keyed by the sha256 of every file read plus the preprocessing config (as MovieLens).
 Measured on generated files of KuaiRand-Pure's size (27,285 users, 7,583 videos, 1.44M standard-log rows; one
 thread): ``setup()`` takes 3.7 s parsing, 1.4 s from the cache, 1.7 GB peak memory.
 """
@@ -49,11 +49,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, TabularDataModule, _gather
-from mtl_experiments.data.catalog import Catalog
-from mtl_experiments.data.movielens import cache_key, cached, check_tasks, encode, fit_vocabulary, labels_for
+from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.interactions import InteractionDataModule, code_table, encode, fit_vocabulary, standardise
 from mtl_experiments.data.recsys_synthetic import next_positive_item
-from mtl_experiments.data.splits import check_split_options, split_rows
 from mtl_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -182,8 +180,13 @@ def unique_ids(ids: np.ndarray, path: Path, column: str) -> None:
         raise DataError(f"{path}, line {line_of(i)}: {column} {int(ids[i])} appears a second time; ids must be unique.")
 
 
-class KuaiRandDataModule(TabularDataModule):
-    """KuaiRand-Pure / -1K / -27K; see the module docstring for files, signals, inputs, splits and the cache."""
+class KuaiRandDataModule(InteractionDataModule):
+    """KuaiRand-Pure / -1K / -27K; see the module docstring for files, signals, inputs, splits and the cache. The
+    split and cache options (``split``, ``val_fraction``, ``test_fraction``, ``cold_fraction``, ``split_seed``,
+    ``cache``) are data/interactions.py's."""
+
+    NAME, CACHE_PREFIX = "KuaiRand", "kuairand"
+    SIGNALS, DEFAULT_TASKS = SIGNALS, DEFAULT_TASKS  # as conf/data/kuairand.yaml
 
     def __init__(
         self,
@@ -195,19 +198,10 @@ class KuaiRandDataModule(TabularDataModule):
         item_catalog: str = "logs",
         context_features: bool = False,
         next_item_signal: str | None = "click",
-        split: str = "random",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        cold_fraction: float = 0.1,
-        split_seed: int = 0,
-        cache: bool = True,
         cache_dir: str | None = "~/.cache/mtl-experiments/kuairand",
         **kwargs,
     ):
-        if tasks is None:  # as conf/data/kuairand.yaml
-            tasks = DEFAULT_TASKS
-        super().__init__(tasks=tasks, **kwargs)
-        check_tasks(self.tasks, SIGNALS, "KuaiRand")
+        super().__init__(tasks=tasks, root=root, cache_dir=cache_dir, **kwargs)
         if isinstance(logs, str):
             if logs not in LOG_SETS:
                 raise ConfigError(
@@ -230,19 +224,9 @@ class KuaiRandDataModule(TabularDataModule):
                 f"data.next_item_signal must be a binary signal {list(BINARY)} or null (the next impression), "
                 f"got {next_item_signal!r}."
             )
-        check_split_options(split, cold_fraction, val_fraction, test_fraction)
-        self.root = Path(str(root)).expanduser()
         self.user_features, self.video_features = str(user_features), video_features and str(video_features)
         self.item_catalog, self.context_features = item_catalog, bool(context_features)
         self.next_item_signal = next_item_signal
-        self.split = split
-        self.fractions = {"val_fraction": float(val_fraction), "test_fraction": float(test_fraction),
-                          "cold_fraction": float(cold_fraction)}  # fmt: skip
-        self.split_seed = int(split_seed)
-        self.cache = bool(cache)
-        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
-        self.vocabularies: dict[str, list[str]] | None = None
-        self.numeric_stats: dict[str, list[float]] | None = None
 
     def preprocessing_config(self) -> dict:
         """Everything besides the files that changes the preprocessed tensors (part of the cache key)."""
@@ -251,9 +235,7 @@ class KuaiRandDataModule(TabularDataModule):
             "item_catalog": self.item_catalog,
             "context_features": self.context_features,
             "next_item_signal": self.next_item_signal,
-            "split": self.split,
-            **self.fractions,
-            "split_seed": self.split_seed,
+            **self.split_config(),
         }
 
     def files(self) -> dict[str, list[Path]]:
@@ -269,13 +251,6 @@ class KuaiRandDataModule(TabularDataModule):
                 )
             files[key] = found
         return files
-
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
-        files = self.files()
-        cache_file = None
-        if self.cache and self.cache_dir is not None:
-            cache_file = self.cache_dir / f"kuairand-{cache_key(files, self.preprocessing_config())}.pt"
-        return self._unpack(cached(cache_file, lambda: self.preprocess(files), "KuaiRand"))
 
     # ---- raw files -> tables --------------------------------------------------------------------------------
     def preprocess(self, files: Mapping[str, list[Path]]) -> dict:
@@ -307,45 +282,33 @@ class KuaiRandDataModule(TabularDataModule):
         signals["play_time"] = np.log1p(np.maximum(rows["play_time_ms"], 0) / 1000).astype(np.float32)
         positive = rows[BINARY[self.next_item_signal]] > 0 if self.next_item_signal else np.ones(len(user), bool)
         signals["next_item"] = next_positive_item(user, item, positive)
-        parts = split_rows(
-            self.split,
-            len(user),
-            user_id=user,
-            item_id=item,
-            timestamp=timestamp,
-            seed=self.split_seed,
-            **self.fractions,
-        )
+        parts = self.split_parts(user, item, timestamp)
         train = parts["train"]
         train_users, train_items = np.unique(user[train]), np.unique(item[train])
 
         # user table: the user features file's columns, vocabularies of the training rows' users
-        user_text = {c: np.full(num_users + 1, None, dtype=object) for c in USER_CATEGORICAL}
+        user_text = {c: np.full(num_users, None, dtype=object) for c in USER_CATEGORICAL}  # row k - 1 = user id k
         for c in USER_CATEGORICAL:
-            user_text[c][user_rows] = texts(users, c)
-        vocab = {c: fit_vocabulary(user_text[c][train_users]) for c in USER_CATEGORICAL}
-        user_cat = np.zeros((num_users + 1, 1 + len(USER_CATEGORICAL)), np.int64)
-        user_cat[:, 0] = np.arange(num_users + 1)
-        for j, c in enumerate(USER_CATEGORICAL, start=1):
-            user_cat[1:, j] = encode(user_text[c][1:], vocab[c])
+            user_text[c][user_rows - 1] = texts(users, c)
+        user_cat, vocab = code_table(num_users, user_text, train_users)
 
         # item table: video features (if any) and the duration
-        video_columns = VIDEO_CATEGORICAL if videos is not None else ()
-        item_cat = np.zeros((num_items + 1, 1 + len(video_columns)), np.int64)
-        item_cat[:, 0] = np.arange(num_items + 1)
+        video_text = {}
         seconds = np.full(num_items + 1, np.nan)
         category = None
         if videos is not None:
             known = np.isin(videos["video_id"], video_raw)
             video_rows = np.searchsorted(video_raw, videos["video_id"][known]) + 1
-            for j, c in enumerate(VIDEO_CATEGORICAL, start=1):
-                text = np.full(num_items + 1, None, dtype=object)
-                text[video_rows] = videos[c][known]
-                vocab[c] = fit_vocabulary(text[train_items])
-                item_cat[1:, j] = encode(text[1:], vocab[c])
-                if c == "tag":  # the catalogue's categories (all videos, not only trained ones): diversity metrics
-                    category = torch.from_numpy(encode(text, fit_vocabulary(text[1:])))
+            for c in VIDEO_CATEGORICAL:
+                video_text[c] = np.full(num_items, None, dtype=object)  # row k - 1 = video id k
+                video_text[c][video_rows - 1] = videos[c][known]
+            # the catalogue's categories (all videos, not only trained ones): diversity metrics
+            tag = np.concatenate([[None], video_text["tag"]])
+            category = torch.from_numpy(encode(tag, fit_vocabulary(video_text["tag"])))
             seconds[video_rows] = videos["video_duration"][known] / 1000
+        item_cat, video_vocab = code_table(num_items, video_text, train_items)
+        vocab |= video_vocab
+        video_columns = tuple(video_text)
         log_ms = rows["duration_ms"]
         ok = np.isfinite(log_ms) & (log_ms > 0)
         count = np.bincount(item[ok], minlength=num_items + 1)
@@ -353,11 +316,8 @@ class KuaiRandDataModule(TabularDataModule):
         fill = ~(np.isfinite(seconds) & (seconds > 0)) & (count > 0)
         seconds[fill] = mean_ms[fill] / 1000
         log_duration = np.log1p(np.where(seconds > 0, seconds, np.nan))
-        x = log_duration[item[train]]
-        x = x[np.isfinite(x)]
-        mean = float(x.mean()) if len(x) else 0.0
-        std = float(x.std()) if len(x) and x.std() > 0 else 1.0
-        item_num = ((np.where(np.isfinite(log_duration), log_duration, mean) - mean) / std).astype(np.float32)
+        item_num, mean, std = standardise(log_duration, log_duration[item[train]])
+        item_num = item_num.astype(np.float32)
         item_num[0] = 0.0
 
         # context: per row
@@ -379,25 +339,18 @@ class KuaiRandDataModule(TabularDataModule):
         spec = FeatureSpec(
             numeric=NUMERIC, categorical=categorical, id_columns={"user_id": "user_id", "item_id": "video_id"}
         )
-        return {
-            "rows": {
-                "user_id": torch.from_numpy(user),
-                "item_id": torch.from_numpy(item),
-                "timestamp": torch.from_numpy(timestamp),
-                "context": torch.from_numpy(context),
-                "signals": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in signals.items()},
-            },
-            "parts": {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in parts.items()},
-            "user_categorical": torch.from_numpy(user_cat),
-            "item_categorical": torch.from_numpy(item_cat),
-            "item_numeric": torch.from_numpy(item_num[:, None]),
-            "category": category,
-            "feature_spec": spec.to_dict(),
-            "vocabularies": vocab,
-            "numeric_stats": {"log_duration": [mean, std]},
-            "raw_ids": {"user_id": torch.from_numpy(user_raw), "video_id": torch.from_numpy(video_raw)},
-            "config": self.preprocessing_config(),
-        }
+        return self.pack(
+            rows={"user_id": user, "item_id": item, "timestamp": timestamp, "context": context, "signals": signals},
+            parts=parts,
+            users=user_cat,
+            items=item_cat,
+            item_numeric=item_num[:, None],
+            category=category,
+            spec=spec,
+            vocabularies=vocab,
+            numeric_stats={"log_duration": [mean, std]},
+            raw_ids={"user_id": user_raw, "video_id": video_raw},  # id k is raw id [k - 1] of the files
+        )
 
     def read_videos(self, path: Path, logged: np.ndarray) -> dict[str, np.ndarray]:
         """The video features of the ``logged`` videos (``item_catalog: logs``) or of all (``features``), read in
@@ -424,41 +377,3 @@ class KuaiRandDataModule(TabularDataModule):
         unique_ids(out["video_id"], path, "video_id")
         out["tag"] = np.array([None if t is None else (t.split(",")[0].strip() or None) for t in out["tag"]], object)
         return out
-
-    # ---- tables -> splits -----------------------------------------------------------------------------------
-    def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
-        self.vocabularies, self.numeric_stats = data["vocabularies"], data["numeric_stats"]
-        self.raw_ids = data["raw_ids"]  # id k is raw id raw_ids[...][k - 1] of the files
-        spec = FeatureSpec.from_dict(data["feature_spec"])
-        user_cat, item_cat, item_num = data["user_categorical"], data["item_categorical"], data["item_numeric"]
-        rows = data["rows"]
-        table = {
-            "features": {
-                "categorical": torch.cat(
-                    [user_cat[rows["user_id"]], item_cat[rows["item_id"]], rows["context"]], dim=1
-                ),
-                "numeric": item_num[rows["item_id"]],
-            },
-            "labels": labels_for(self.tasks, rows["signals"]),
-            "user_id": rows["user_id"],
-            "item_id": rows["item_id"],
-            "timestamp": rows["timestamp"],
-        }
-        splits = {k: _gather(table, idx) for k, idx in data["parts"].items()}
-        self.item_info = ItemInfo(num_items=item_cat.shape[0] - 1, category=data["category"])
-        self.catalog = None
-        if not self.context_features:  # context columns belong to neither table: nothing to serve from
-            names = list(spec.categorical)
-            user_columns, item_columns = names[: user_cat.shape[1]], names[user_cat.shape[1] :]
-            self.catalog = Catalog(
-                users={c: user_cat[:, j] for j, c in enumerate(user_columns)},
-                items={
-                    **{c: item_cat[:, j] for j, c in enumerate(item_columns)},
-                    **{c: item_num[:, j] for j, c in enumerate(NUMERIC)},
-                },
-                spec=spec,
-                train_user_id=splits["train"]["user_id"],
-                train_item_id=splits["train"]["item_id"],
-                vocabularies={c: {v: k for k, v in enumerate(self.vocabularies[c], 1)} for c in USER_CATEGORICAL},
-            )
-        return splits["train"], splits["val"], splits["test"], spec

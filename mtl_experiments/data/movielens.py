@@ -38,27 +38,18 @@ takes 5.7 s parsing, 0.7 s from the cache (hashing the files included), 1.0 GB p
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import logging
-import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, TabularDataModule, _gather, require_file
-from mtl_experiments.data.catalog import Catalog
-from mtl_experiments.data.census_income import file_sha256
+from mtl_experiments.data.base import FeatureSpec, require_file
+from mtl_experiments.data.interactions import InteractionDataModule, code_table, standardise
 from mtl_experiments.data.recsys_synthetic import next_positive_item
-from mtl_experiments.data.splits import check_split_options, split_rows
 from mtl_experiments.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 GENRES: tuple[str, ...] = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -96,68 +87,6 @@ HOW_TO_GET = (
 )
 CACHE_VERSION = 1  # bump when the preprocessing changes
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
-
-
-# ---- helpers shared with data/kuairand.py ---------------------------------------------------------------------
-def cached(path: Path | None, build: Callable[[], dict], name: str) -> dict:
-    """``build()``, saved to ``path`` (atomically) and loaded from there next time; ``path=None``: no cache."""
-    if path is not None and path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-            log.info("%s: loaded the preprocessed data from the cache %s", name, path)
-            return data
-        except Exception as e:  # a truncated or foreign file: rebuild it
-            log.warning("%s: ignoring unreadable cache file %s (%s)", name, path, e)
-    data = build()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)  # a concurrent run never reads half a file
-        log.info("%s: cached the preprocessed data in %s", name, path)
-    return data
-
-
-def cache_key(paths: Mapping[str, Path | Sequence[Path]], config: Mapping) -> str:
-    """sha256 over the files' names and contents plus the preprocessing config."""
-    files = {
-        k: [[p.name, file_sha256(p)] for p in ([v] if isinstance(v, Path) else v)] for k, v in sorted(paths.items())
-    }
-    return hashlib.sha256(json.dumps({"files": files, "config": config}, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def fit_vocabulary(values: np.ndarray) -> list[str]:
-    """The sorted distinct values (strings; None = missing, left out)."""
-    return sorted({v for v in values.tolist() if v is not None})
-
-
-def encode(values: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
-    """Ids 1..K by position in ``vocabulary``; 0 for None and for values not in it."""
-    return pd.Index(vocabulary, dtype=object).get_indexer(values).astype(np.int64) + 1  # -1 -> 0
-
-
-def check_tasks(tasks: Mapping, signals: Mapping[str, tuple[str, ...]], dataset: str) -> None:
-    """Every task's label is a signal of the dataset, and its kind one that signal allows."""
-    for name, task in tasks.items():
-        if task.label not in signals:
-            raise ConfigError(
-                f"data.tasks.{name}: {dataset} has no signal {task.label!r}; available signals: {list(signals)} "
-                f"(name the task after one, or set data.tasks.{name}.label=<signal>)."
-            )
-        if task.kind not in signals[task.label]:
-            raise ConfigError(
-                f"data.tasks.{name}: signal {task.label!r} trains a task of kind {' or '.join(signals[task.label])}, "
-                f"got kind {task.kind!r}."
-            )
-
-
-def labels_for(tasks: Mapping, signals: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{task: its signal}`` (int64 for retrieval / multiclass, float32 otherwise)."""
-    out = {}
-    for name, task in tasks.items():
-        s = signals[task.label]
-        out[name] = s.long() if task.kind in ("retrieval", "multiclass") else s.float()
-    return out
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
@@ -233,8 +162,13 @@ def lookup(raw: np.ndarray, catalogue: np.ndarray, path: Path, field: str, lines
     return pos.astype(np.int64) + 1
 
 
-class MovieLensDataModule(TabularDataModule):
-    """MovieLens-1M; see the module docstring for files, signals, inputs, splits and the cache."""
+class MovieLensDataModule(InteractionDataModule):
+    """MovieLens-1M; see the module docstring for files, signals, inputs, splits and the cache. The split and
+    cache options (``split``, ``val_fraction``, ``test_fraction``, ``cold_fraction``, ``split_seed``, ``cache``)
+    are data/interactions.py's."""
+
+    NAME, CACHE_PREFIX = "MovieLens", "movielens"
+    SIGNALS, DEFAULT_TASKS = SIGNALS, DEFAULT_TASKS  # as conf/data/movielens.yaml
 
     def __init__(
         self,
@@ -243,19 +177,10 @@ class MovieLensDataModule(TabularDataModule):
         like_threshold: float = 4,
         interest_top_k: int = 3,
         encoding: str = "latin-1",
-        split: str = "random",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        cold_fraction: float = 0.1,
-        split_seed: int = 0,
-        cache: bool = True,
         cache_dir: str | None = "~/.cache/mtl-experiments/movielens",
         **kwargs,
     ):
-        if tasks is None:  # as conf/data/movielens.yaml
-            tasks = DEFAULT_TASKS
-        super().__init__(tasks=tasks, **kwargs)
-        check_tasks(self.tasks, SIGNALS, "MovieLens")
+        super().__init__(tasks=tasks, root=root, cache_dir=cache_dir, **kwargs)
         for name, task in self.tasks.items():
             if task.label == "next_genre":  # a fixed class set: inferring it from training labels could miss one
                 if task.num_classes not in (None, NUM_GENRE_CLASSES):
@@ -268,17 +193,7 @@ class MovieLensDataModule(TabularDataModule):
             raise ConfigError(f"data.interest_top_k must lie in [1, {len(GENRES)}] (genres), got {interest_top_k}.")
         if not 1 <= float(like_threshold) <= 5:
             raise ConfigError(f"data.like_threshold must lie in [1, 5] (stars), got {like_threshold}.")
-        check_split_options(split, cold_fraction, val_fraction, test_fraction)
-        self.root = Path(str(root)).expanduser()
         self.like_threshold, self.interest_top_k, self.encoding = float(like_threshold), int(interest_top_k), encoding
-        self.split = split
-        self.fractions = {"val_fraction": float(val_fraction), "test_fraction": float(test_fraction),
-                          "cold_fraction": float(cold_fraction)}  # fmt: skip
-        self.split_seed = int(split_seed)
-        self.cache = bool(cache)
-        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
-        self.vocabularies: dict[str, list[str]] | None = None
-        self.numeric_stats: dict[str, list[float]] | None = None
 
     def preprocessing_config(self) -> dict:
         """Everything that changes the preprocessed tensors (part of the cache key)."""
@@ -287,17 +202,11 @@ class MovieLensDataModule(TabularDataModule):
             "like_threshold": self.like_threshold,
             "interest_top_k": self.interest_top_k,
             "encoding": self.encoding,
-            "split": self.split,
-            **self.fractions,
-            "split_seed": self.split_seed,
+            **self.split_config(),
         }
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
-        paths = {k: require_file(self.root / name, HOW_TO_GET) for k, name in FILES.items()}
-        cache_file = None
-        if self.cache and self.cache_dir is not None:
-            cache_file = self.cache_dir / f"movielens-{cache_key(paths, self.preprocessing_config())}.pt"
-        return self._unpack(cached(cache_file, lambda: self.preprocess(paths), "MovieLens"))
+    def files(self) -> dict[str, Path]:
+        return {k: require_file(self.root / name, HOW_TO_GET) for k, name in FILES.items()}
 
     # ---- raw files -> tables --------------------------------------------------------------------------------
     def preprocess(self, paths: Mapping[str, Path]) -> dict:
@@ -354,15 +263,7 @@ class MovieLensDataModule(TabularDataModule):
             "next_item": next_item,
             "next_genre": primary[next_item],  # primary[0] = 0: no next movie
         }
-        parts = split_rows(
-            self.split,
-            len(user),
-            user_id=user,
-            item_id=item,
-            timestamp=timestamp,
-            seed=self.split_seed,
-            **self.fractions,
-        )
+        parts = self.split_parts(user, item, timestamp)
         train = parts["train"]
 
         # genre_interest: each user's top genres over the genres of the movies they rated in training
@@ -396,82 +297,29 @@ class MovieLensDataModule(TabularDataModule):
         }
         for values in (*user_text.values(), *item_text.values()):
             values[values == ""] = None
-        vocab = {c: fit_vocabulary(user_text[c][train_users - 1]) for c in USER_CATEGORICAL}
-        vocab |= {c: fit_vocabulary(item_text[c][train_items - 1]) for c in ITEM_CATEGORICAL}
-        user_cat = np.zeros((num_users + 1, 1 + len(USER_CATEGORICAL)), np.int64)
-        user_cat[:, 0] = np.arange(num_users + 1)
-        for j, c in enumerate(USER_CATEGORICAL, start=1):
-            user_cat[1:, j] = encode(user_text[c], vocab[c])
-        item_cat = np.zeros((num_items + 1, 1 + len(ITEM_CATEGORICAL)), np.int64)
-        item_cat[:, 0] = np.arange(num_items + 1)
-        for j, c in enumerate(ITEM_CATEGORICAL, start=1):
-            item_cat[1:, j] = encode(item_text[c], vocab[c])
-        train_years = year[item[train]]
-        known = train_years[np.isfinite(train_years)]
-        mean = float(known.mean()) if len(known) else 0.0
-        std = float(known.std()) if len(known) and known.std() > 0 else 1.0
+        user_cat, vocab = code_table(num_users, {c: user_text[c] for c in USER_CATEGORICAL}, train_users)
+        item_cat, item_vocab = code_table(num_items, {c: item_text[c] for c in ITEM_CATEGORICAL}, train_items)
+        vocab |= item_vocab
         item_num = np.zeros((num_items + 1, len(NUMERIC)), np.float32)
-        item_num[1:, 0] = (np.where(np.isfinite(year[1:]), year[1:], mean) - mean) / std
+        item_num[:, 0], mean, std = standardise(year, year[item[train]])
         item_num[:, 1:] = multi_hot
         item_num[0] = 0.0
 
-        rows = {
-            "user_id": torch.from_numpy(user),
-            "item_id": torch.from_numpy(item),
-            "timestamp": torch.from_numpy(timestamp),
-            "signals": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in signals.items()},
-        }
         spec = FeatureSpec(
             numeric=NUMERIC,
             categorical={"user_id": num_users + 1, **{c: len(vocab[c]) + 1 for c in USER_CATEGORICAL},
                          "movie_id": num_items + 1, **{c: len(vocab[c]) + 1 for c in ITEM_CATEGORICAL}},
             id_columns={"user_id": "user_id", "item_id": "movie_id"},
         )  # fmt: skip
-        return {
-            "rows": rows,
-            "parts": {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in parts.items()},
-            "user_categorical": torch.from_numpy(user_cat),
-            "item_categorical": torch.from_numpy(item_cat),
-            "item_numeric": torch.from_numpy(item_num),
-            "category": torch.from_numpy(primary),
-            "feature_spec": spec.to_dict(),
-            "vocabularies": vocab,
-            "numeric_stats": {"year": [mean, std]},
-            "raw_ids": {"user_id": torch.from_numpy(user_raw), "movie_id": torch.from_numpy(movie_raw)},
-            "config": self.preprocessing_config(),
-        }
-
-    # ---- tables -> splits -----------------------------------------------------------------------------------
-    def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
-        self.vocabularies, self.numeric_stats = data["vocabularies"], data["numeric_stats"]
-        self.raw_ids = data["raw_ids"]  # id k is raw id raw_ids[...][k - 1] of users.dat / movies.dat
-        spec = FeatureSpec.from_dict(data["feature_spec"])
-        user_cat, item_cat, item_num = data["user_categorical"], data["item_categorical"], data["item_numeric"]
-        rows = data["rows"]
-        table = {
-            "features": {
-                "categorical": torch.cat([user_cat[rows["user_id"]], item_cat[rows["item_id"]]], dim=1),
-                "numeric": item_num[rows["item_id"]],
-            },
-            "labels": labels_for(self.tasks, rows["signals"]),
-            "user_id": rows["user_id"],
-            "item_id": rows["item_id"],
-            "timestamp": rows["timestamp"],
-        }
-        splits = {k: _gather(table, idx) for k, idx in data["parts"].items()}
-        num_items = item_cat.shape[0] - 1
-        self.item_info = ItemInfo(num_items=num_items, category=data["category"])
-        user_columns = ("user_id", *USER_CATEGORICAL)
-        item_columns = ("movie_id", *ITEM_CATEGORICAL)
-        self.catalog = Catalog(
-            users={c: user_cat[:, j] for j, c in enumerate(user_columns)},
-            items={
-                **{c: item_cat[:, j] for j, c in enumerate(item_columns)},
-                **{c: item_num[:, j] for j, c in enumerate(NUMERIC)},
-            },
+        return self.pack(
+            rows={"user_id": user, "item_id": item, "timestamp": timestamp, "signals": signals},
+            parts=parts,
+            users=user_cat,
+            items=item_cat,
+            item_numeric=item_num,
+            category=primary,
             spec=spec,
-            train_user_id=splits["train"]["user_id"],
-            train_item_id=splits["train"]["item_id"],
-            vocabularies={c: {v: k for k, v in enumerate(self.vocabularies[c], start=1)} for c in USER_CATEGORICAL},
+            vocabularies=vocab,
+            numeric_stats={"year": [mean, std]},
+            raw_ids={"user_id": user_raw, "movie_id": movie_raw},  # id k is raw id [k - 1] of users.dat / movies.dat
         )
-        return splits["train"], splits["val"], splits["test"], spec

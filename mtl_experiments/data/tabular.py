@@ -228,34 +228,49 @@ def class_labels(
         raw = df[column]
         return pd.to_numeric(raw.astype("int8") if raw.dtype == bool else raw, errors="coerce").to_numpy(np.float64)
 
-    train = numbers(frames["train"])
-    if np.all(np.isfinite(train) & (np.mod(train, 1) == 0) & (train >= 0)):  # integer classes
+    def whole(values: np.ndarray) -> np.ndarray:
+        return np.isfinite(values) & (np.mod(values, 1) == 0) & (values >= 0)
+
+    def every_split(classes_of, problem) -> dict[str, np.ndarray]:
+        """``classes_of(df) -> (classes, bad rows, the column as shown)`` per split; a DataError ``problem(value,
+        row)`` for a split's first bad row."""
         out = {}
         for k, df in frames.items():
-            values = numbers(df)
-            bad = ~(np.isfinite(values) & (np.mod(values, 1) == 0) & (values >= 0))
+            values, bad, shown = classes_of(df)
             if bad.any():
-                raise DataError(
-                    f"{sources[k]}: task {task!r} is multiclass with integer classes (as in the training rows) but "
-                    f"its label column {column!r} has the value {_show(df[column][bad].iloc[0])} on data row "
-                    f"{_first_row(df, bad)}; classes are whole numbers 0..C-1."
-                )
+                where = problem(_show(shown[bad].iloc[0]), _first_row(df, bad))
+                raise DataError(f"{sources[k]}: task {task!r} {where}")
             out[k] = values.astype(np.int64)
+        return out
+
+    def integers(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Series]:
+        values = numbers(df)
+        return values, ~whole(values), df[column]
+
+    if np.all(whole(numbers(frames["train"]))):  # integer classes
+        out = every_split(
+            integers,
+            lambda value, row: (
+                f"is multiclass with integer classes (as in the training rows) but its label column {column!r} "
+                f"has the value {value} on data row {row}; classes are whole numbers 0..C-1."
+            ),
+        )
         return out, None
     classes = sorted(set(frames["train"][column].astype(str)))
-    index = pd.Index(classes)
-    out = {}
-    for k, df in frames.items():
+    index, listed = pd.Index(classes), f"{classes[:20]}{' ...' if len(classes) > 20 else ''}"
+
+    def names(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Series]:
         text = df[column].astype(str)
         codes = index.get_indexer(text)
-        bad = codes < 0
-        if bad.any():
-            raise DataError(
-                f"{sources[k]}: task {task!r} has the class {_show(text[bad].iloc[0])} on data row "
-                f"{_first_row(df, bad)}, which no training row has; every class must occur in the training rows "
-                f"(classes: {classes[:20]}{' ...' if len(classes) > 20 else ''})."
-            )
-        out[k] = codes.astype(np.int64)
+        return codes, codes < 0, text
+
+    out = every_split(
+        names,
+        lambda value, row: (
+            f"has the class {value} on data row {row}, which no training row has; every class must occur in the "
+            f"training rows (classes: {listed})."
+        ),
+    )
     return out, classes
 
 
