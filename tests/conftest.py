@@ -22,6 +22,17 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (addopts: -n auto) every worker is a process with torch's default of one thread per core:
+# the workers would fight over the cores. Each takes its share, and so do the processes tests start (train.py,
+# DDP ranks, mlflow server) through OMP_NUM_THREADS, unless the caller set it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONF = ROOT / "conf"
 
 # Small enough for seconds per run, large enough that AUROC is meaningful.
