@@ -246,7 +246,7 @@ def train(cfg: DictConfig) -> float | None:
         check_resumable(resume, changed)
     module = build_module(cfg, datamodule, build_model(cfg, datamodule))
     # the resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model (recommend.py)
-    module.run_config = OmegaConf.to_yaml(run_cfg, resolve=True)
+    module.run_config = tracking.redact(OmegaConf.to_yaml(run_cfg, resolve=True))  # checkpoints may be shared
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     if resume is not None:
         resume.apply(callbacks)  # checkpoints continue in the resumed run's folder
@@ -300,7 +300,7 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:
             print_results(results, tasks, segments=datamodule.segments)
             if mlflow_logger is not None:  # what mtl-recommend --run-id and resume= take
-                Console().print(f"MLflow run {mlflow_logger.run_id} ({mlflow_logger._tracking_uri})")
+                Console().print(f"MLflow run {mlflow_logger.run_id} ({tracking.redact(mlflow_logger._tracking_uri)})")
         _report_tracking(mlflow_logger)
         return best
     except BaseException as e:

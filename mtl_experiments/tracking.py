@@ -79,6 +79,10 @@ def resolve_tracking_uri(configured: str | None, launch: Path | None = None) -> 
         path = Path(uri[len("sqlite:///") :])
         if not path.is_absolute():  # relative SQLite paths would follow the process's cwd
             uri = f"sqlite:///{(launch / path).resolve()}"
+    if redact(uri) != uri:
+        # MLflow prints "View run <name> at: <uri>/#/..." when a run ends, password included; the pipeline prints
+        # the run id with the redacted URI instead
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
 
 

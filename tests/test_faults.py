@@ -181,14 +181,19 @@ def test_server_lost_mid_run_training_finishes_and_the_values_are_replayed(
 
 @pytest.mark.slow
 def test_credentials_in_the_tracking_uri_are_never_logged(server, make_cfg, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # restored after the test
     """A team server behind basic auth: user:password in the URI reach the server, never the run's record."""
     uri = server.uri.replace("http://", "http://alice:s3cret@")
     train(make_cfg(f"logger.mlflow.tracking_uri={uri}", "trainer.max_epochs=1"))
     client = MlflowClient(server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("mtl-experiments").experiment_id])
     config = Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text()
-    logged = [*run.data.params.values(), *run.data.tags.values(), config, capsys.readouterr().err]
+    out = capsys.readouterr()
+    logged = [*run.data.params.values(), *run.data.tags.values(), config, out.err, out.out]
     assert not any("s3cret" in str(text) for text in logged)
+    # the checkpoints carry the run's config (mtl-recommend rebuilds the model from it): redacted too
+    ckpts = list(Path(run.data.tags[tracking.CHECKPOINT_DIR_TAG]).glob("*.ckpt"))
+    assert ckpts and not any(b"s3cret" in p.read_bytes() for p in ckpts)
     assert run.data.params["logger.mlflow.tracking_uri"] == server.uri.replace("http://", "http://***@")
 
 
