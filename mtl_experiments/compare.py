@@ -205,11 +205,12 @@ class RunData:
         )
 
     def test_metrics(self) -> dict[str, float]:
-        """``{"<task>/<metric>": value}`` from ``test/<task>/<metric>`` (not ``test/mean_*``)."""
+        """``{"<task>/<metric>": value}`` from ``test/<task>/<metric>``: not ``test/mean_*`` and not the evaluation
+        segments' keys (``test/cold_user/<task>/<metric>``, ``test/warm/mean_auroc``)."""
         out = {}
         for key, value in self.metrics.items():
             parts = key.split("/")
-            if len(parts) == 3 and parts[0] == "test":
+            if len(parts) == 3 and parts[0] == "test" and not parts[2].startswith("mean_"):
                 out[f"{parts[1]}/{parts[2]}"] = value
         return out
 

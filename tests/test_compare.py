@@ -318,3 +318,14 @@ def test_run_names_and_user_tags_do_not_split_a_group():
     tagged = {**base, "seed": "1", "run_name": "mine", "logger.mlflow.tags.owner": "ana", "logger.mlflow.tags": "x"}
     assert group_key(base) == group_key(tagged)
     assert group_key(base) != group_key({**base, "data.correlation": "0.9"})
+
+
+def test_segment_metrics_are_not_taken_for_tasks():
+    """A run with warm / cold segments logs test/warm/mean_auroc and test/cold_user/<task>/<metric>: neither is a
+    task's whole-split metric (a task named 'warm' would appear otherwise)."""
+    run = compare.RunData(
+        run_id="r", run_name="", status="FINISHED", experiment_id="0", start_time=0, params={}, tags={},
+        metrics={"test/click/auroc": 0.7, "test/mean_auroc": 0.7, "test/warm/mean_auroc": 0.71,
+                 "test/warm/click/auroc": 0.71, "test/cold_user/click/auroc": 0.66},
+    )  # fmt: skip
+    assert run.test_metrics() == {"click/auroc": 0.7}
