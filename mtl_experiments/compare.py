@@ -75,6 +75,7 @@ def _kind_directions(kind: str, options: tuple[tuple[str, Any], ...] = ()) -> di
 
     try:
         task = build_task("t", {"kind": kind, **dict(options)})
+        task.group_by = "user_id"  # every metric the kind can log, those that need user ids (gauc) included
         return {name: bool(m.higher_is_better) for name, m in task.metrics().items() if m.higher_is_better is not None}
     except Exception:  # noqa: BLE001 - a kind that needs options we do not have: fall back to the name map
         return {}
@@ -225,6 +226,7 @@ class Selection:
     experiments: list[str] = field(default_factory=list)
     parent_id: str | None = None
     filters: list[str] = field(default_factory=list)
+    segment: str | None = None  # the evaluation segment whose test metrics are compared (None: the whole split)
 
 
 def _check_readable(uri: str) -> None:
@@ -267,9 +269,12 @@ def load_runs(
     parent: str | None = None,
     latest: bool = False,
     tags: Mapping[str, str] | None = None,
+    segment: str | None = None,
 ) -> Selection:
     """Runs of ``experiment`` (default: all; or the parent's), children of ``parent`` (or of the latest
-    sweep) and with all ``tags``; only FINISHED runs with test metrics are kept, the rest listed by reason."""
+    sweep) and with all ``tags``; only FINISHED runs with test metrics are kept, the rest listed by reason.
+    ``segment`` (``warm``, ``cold_user``, ``cold_item``): compare on that evaluation segment's test metrics
+    (``test/<segment>/<task>/<metric>``, read as ``test/<task>/<metric>``) instead of the whole test split's."""
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -310,6 +315,11 @@ def load_runs(
     except MlflowException as e:
         raise TrackingError(f"Reading runs from {uri} failed: {e.message}") from e
 
+    if segment:
+        prefix = f"test/{segment}/"
+        for run in runs:  # the segment's test metrics take the place of the whole split's
+            test = {f"test/{k[len(prefix) :]}": v for k, v in run.metrics.items() if k.startswith(prefix)}
+            run.metrics = {**{k: v for k, v in run.metrics.items() if not k.startswith("test/")}, **test}
     kept, skipped = [], defaultdict(list)
     for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
         if run.tags.get(ROLE_TAG) == SWEEP_PARENT:
@@ -317,10 +327,10 @@ def load_runs(
         elif run.status != "FINISHED":
             skipped[f"status {run.status}"].append(run.run_id)
         elif not run.test_metrics():
-            skipped["no test/<task>/<metric> metrics"].append(run.run_id)
+            skipped[f"no test/{segment + '/' if segment else ''}<task>/<metric> metrics"].append(run.run_id)
         else:
             kept.append(run)
-    return Selection(uri, kept, dict(skipped), exp_names, parent, filters)
+    return Selection(uri, kept, dict(skipped), exp_names, parent, filters, segment)
 
 
 # ------------------------------------------------------------------------------------------ grouping
@@ -653,6 +663,8 @@ def to_markdown(c: Comparison) -> str:
         where.append(f"parent run `{sel.parent_id}`")
     if sel.filters and not sel.parent_id:
         where.append(f"filter `{' and '.join(sel.filters)}`")
+    if sel.segment:
+        where.append(f"test metrics of the `{sel.segment}` segment only")
     k_sets = {tuple(g.delta_m_keys) for g in c.groups if g.delta_m_values}
     k_text = (
         f"over K = {len(next(iter(k_sets)))} metrics ({', '.join(next(iter(k_sets)))})"
@@ -878,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--latest-sweep", action="store_true", help=f"only the children of the latest {ROLE_TAG}={SWEEP_PARENT} run"
     )
     p.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE", help="tag filter (repeat)")
+    p.add_argument(
+        "--segment",
+        help="compare on an evaluation segment's test metrics (warm, cold_user, cold_item) instead of the whole split",
+    )
     p.add_argument("--metrics", type=_csv, help="metrics Δm averages over, e.g. auroc,mse or y1/auroc (default: all)")
     p.add_argument("--pareto", type=_csv, help="x,y test metrics of the Pareto plot (default: first metric of 2 tasks)")
     p.add_argument("--out", type=Path, help="write comparison.md, comparison.csv and pareto.png here")
@@ -898,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent=args.parent,
             latest=args.latest_sweep,
             tags=dict(args.tag),
+            segment=args.segment,
         )
         if not selection.runs:
             raise ConfigError(f"No FINISHED runs with test metrics match the selection ({skipped_summary(selection)}).")

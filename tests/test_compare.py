@@ -176,6 +176,9 @@ def test_directions_come_from_the_task_kinds_metrics():
     assert dirs["auroc"] is True and dirs["accuracy"] is True
     assert dirs["logloss"] is False and dirs["mse"] is False and dirs["mae"] is False
     assert compare.direction({"data.tasks.t.kind": "regression"}, "t/mse") is False
+    # metrics a kind logs only with user ids (grouped AUC) and the ranking metrics of retrieval tasks
+    assert compare.direction({"data.tasks.t.kind": "binary"}, "t/gauc") is True
+    assert compare.direction({"data.tasks.t.kind": "retrieval"}, "t/ndcg_10") is True
 
 
 def test_pareto_front_respects_directions():
@@ -329,3 +332,27 @@ def test_segment_metrics_are_not_taken_for_tasks():
                  "test/warm/click/auroc": 0.71, "test/cold_user/click/auroc": 0.66},
     )  # fmt: skip
     assert run.test_metrics() == {"click/auroc": 0.7}
+
+
+def test_segment_option_compares_a_segments_test_metrics(tmp_path, capsys):
+    """--segment cold_user: the groups' values and Δm come from test/cold_user/<task>/<metric>; a run without
+    that segment is skipped, saying why."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'seg.db'}")
+    exp = client.create_experiment(EXPERIMENT)
+    cold = lambda a, b: {"test/cold_user/y1/auroc": a, "test/cold_user/y2/auroc": b}  # noqa: E731
+    for seed, (a, b) in enumerate([(0.60, 0.70), (0.62, 0.72)]):
+        log_run(client, exp, "shared_bottom", "equal", seed, (0.9, 0.3, 0.9, 0.3), extra_metrics=cold(a, b))
+    for seed in (0, 1):
+        log_run(client, exp, "single_task", "equal", seed, (0.8, 0.4, 0.8, 0.4), extra_metrics=cold(0.5, 0.5))
+    no_segment = log_run(client, exp, "mmoe", "equal", 0, (0.9, 0.3, 0.9, 0.3))
+    uri = f"sqlite:///{tmp_path / 'seg.db'}"
+    selection = compare.load_runs(uri, experiment=EXPERIMENT, segment="cold_user")
+    assert selection.skipped == {"no test/cold_user/<task>/<metric> metrics": [no_segment]}
+    c = compare.compare(selection)
+    assert c.metric_keys == ["y1/auroc", "y2/auroc"]
+    mtl = c.table[c.table["group"].str.contains("shared_bottom")].iloc[0]
+    assert mtl["test/y1/auroc_mean"] == pytest.approx(0.61)
+    # Δm against the single-task runs' cold_user values (0.5): ((0.61 - 0.5) + (0.71 - 0.5)) / 0.5 / 2 = 32 %
+    assert mtl["delta_m_pct_mean"] == pytest.approx(32.0)
+    assert compare.main(["--tracking-uri", uri, "--segment", "cold_user"]) == 0
+    assert "`cold_user` segment" in capsys.readouterr().out
