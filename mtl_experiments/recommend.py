@@ -112,7 +112,7 @@ def score_items(
 
     pointwise = {name: task for name, task in tasks.items() if task.kind != "retrieval"}
     parts: dict[str, list[Tensor]] = {name: [] for name in pointwise}
-    for lo in range(0, len(item_ids), batch_size):
+    for lo in range(0, len(item_ids) if pointwise else 0, batch_size):  # no pointwise task: no per-item forward
         outputs = forward(item_ids[lo : lo + batch_size])
         for name, task in pointwise.items():
             parts[name].append(item_scores(task, outputs[name]).cpu())

@@ -130,6 +130,20 @@ def test_retrieval_scores_are_a_softmax_over_the_catalogue_and_enter_fusion_when
     assert [r["item_id"] for r in weighted] != [r["item_id"] for r in rows]  # the weights change the ranking
 
 
+def test_retrieval_only_scoring_runs_one_forward_not_one_per_item_batch(trained):
+    s = trained.served
+    items = torch.arange(1, s.catalog.num_items + 1)
+    calls = []
+    hook = s.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        only = rec.score_items(s.model, s.catalog, {"next_item": s.tasks["next_item"]}, trained.user, items, None, 7)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the query row only: no pointwise task needs the per-item forwards
+    full = rec.score_items(s.model, s.catalog, s.tasks, trained.user, items, None, 7)
+    assert torch.equal(only["next_item"], full["next_item"])
+
+
 def test_sum_fusion_weights_values_as_they_are(trained):
     weights = {"click": 1.0, "watch_time": 0.5, "like": -1.0}
     rows = run_rec(trained, trained.user, fusion="sum", weights=weights)

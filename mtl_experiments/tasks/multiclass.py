@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -72,9 +72,6 @@ class MulticlassTask(Task):
             if train_target.numel() == 0:
                 raise DataError(f"Task '{self.name}': no training labels to infer num_classes from; set num_classes.")
             self.num_classes = max(int(train_target.max().item()) + 1, 2)
-
-    def head(self, in_dim: int) -> nn.Module:
-        return nn.Linear(in_dim, self._classes("build its head"))
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target.long())
