@@ -229,7 +229,7 @@ class FeatureEncoder(nn.Module):
         same = len(set(dims.values())) <= 1
         self.embedding_dim = next(iter(dims.values()), int(embedding_dim)) if same else None
 
-        id_columns = dict(getattr(spec, "id_columns", None) or {})  # {"user_id": column, "item_id": column}
+        id_columns = dict(spec.id_columns)  # {"user_id": column, "item_id": column}
         strategies = {"user_id": new_users, "item_id": new_items}
         tables = self._check_options(id_columns, strategies, id_dropout, sparse, columns)
         self.id_tables = nn.ModuleDict()

@@ -926,7 +926,7 @@ def sparse_scale_one(args: argparse.Namespace, overrides: list[str]) -> int:
             {
                 "ms_per_step": 1e3 * statistics.median(times),
                 "peak_mb": _peak_rss_mb() - baseline,
-                "parameters": sum(p.numel() for p in model.parameters()),
+                "parameters": parameter_count(model),
                 "num_threads": torch.get_num_threads(),
             }
         )

@@ -46,6 +46,13 @@ def is_sparse(param: Tensor) -> bool:
     return bool(getattr(param, SPARSE_GRAD, False))
 
 
+def _split_group(group: dict) -> list[dict]:
+    """A caller's parameter group -> its sparse part and its dense part (the non-empty ones), marked ``"sparse"``."""
+    members = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+    parts = {flag: [p for p in members if is_sparse(p) is flag] for flag in (True, False)}
+    return [{**group, "params": part, "sparse": flag} for flag, part in parts.items() if part]
+
+
 class SparseDenseAdam(Optimizer):
     """SparseAdam over the parameters flagged by ``mark_sparse``, AdamW over the others (module docstring)."""
 
@@ -60,15 +67,8 @@ class SparseDenseAdam(Optimizer):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        split = []
-        for group in groups:
-            members = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-            for flag in (True, False):
-                part = [p for p in members if is_sparse(p) is flag]
-                if part:
-                    split.append({**group, "params": part, "sparse": flag})
-        betas = tuple(betas)
-        super().__init__(split, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__([part for group in groups for part in _split_group(group)], defaults)
         # the inner optimizers take the very group dicts of self.param_groups (torch keeps the dict it is given)
         sparse = [g for g in self.param_groups if g["sparse"]]
         dense = [g for g in self.param_groups if not g["sparse"]]
@@ -102,13 +102,8 @@ class SparseDenseAdam(Optimizer):
         if "_sparse" not in self.__dict__:  # during __init__: the groups are split already
             super().add_param_group(param_group)
             return
-        members = param_group["params"]
-        members = [members] if isinstance(members, Tensor) else list(members)
-        for flag in (True, False):
-            part = [p for p in members if is_sparse(p) is flag]
-            if not part:
-                continue
-            group = {**param_group, "params": part, "sparse": flag}
+        for group in _split_group(param_group):
+            flag = group["sparse"]
             super().add_param_group(group)
             inner = self._sparse if flag else self._dense
             if inner is not None:
