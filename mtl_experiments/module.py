@@ -224,16 +224,16 @@ class MTLModule(pl.LightningModule):
         """Update each task's metrics on its labelled rows (of ``rows``, a segment's mask, when given), with the
         batch's user / item ids as context (grouped AUC)."""
         labels = batch["labels"]
+        ids = {k: batch[k] for k in ("user_id", "item_id") if k in batch}
         for name, task in self.tasks.items():
             mask = self._label_mask(name, labels)
             if rows is not None:
                 mask = rows if mask is None else mask & rows
             if mask is not None and not mask.any():
                 continue
-            context = {k: batch[k] for k in ("user_id", "item_id") if k in batch}
-            output, target = outputs[name], labels[name]
+            output, target, context = outputs[name], labels[name], ids
             if mask is not None:
-                output, target, context = output[mask], target[mask], {k: v[mask] for k, v in context.items()}
+                output, target, context = output[mask], target[mask], {k: v[mask] for k, v in ids.items()}
             task.update_metrics(metrics[name], output, target, context or None)
 
     def _check_finite(self, losses: Tensor) -> bool:

@@ -159,19 +159,6 @@ def _build_loggers(
     return loggers
 
 
-def _log_plots(logger, module) -> None:
-    """The run's plots as artifacts; while the store is away, into the logger's fallback folder."""
-    if not isinstance(logger, tracking.ResilientMLFlowLogger):
-        plots.log_run_artifacts(logger, module)
-        return
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            if plots.write_run_plots(module, Path(tmp)):
-                logger.log_artifacts(tmp, plots.ARTIFACT_DIR)
-    except Exception as e:  # noqa: BLE001 - a plot must not turn a finished run into a failed one
-        log.warning("Could not log the run's plots: %s", e)
-
-
 def print_results(
     results: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test", segments: tuple[str, ...] = ()
 ) -> None:
@@ -278,7 +265,7 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = str(resume.checkpoint) if resume is not None else None
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **checkpoints.safe_loading(trainer.fit))
         if mlflow_logger is not None:
-            _log_plots(mlflow_logger, module)
+            plots.log_run_artifacts(mlflow_logger, module)
         ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         best_path = ckpt.best_model_path if ckpt is not None else ""
         if not best_path:

@@ -96,11 +96,13 @@ def log_run_artifacts(logger, module) -> list[str]:
     Returns the artifact paths logged (empty when the run measured no conflict metrics). A failure is
     logged as a warning, not raised: a plot must not turn a finished training run into a failed one.
     """
+    from mtl_experiments import tracking
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             paths = write_run_plots(module, Path(tmp))
-            for path in paths:
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_DIR)
+            if paths:  # through the logger when it buffers (a store away mid-run: into its fallback folder)
+                tracking.log_artifacts(logger, tmp, ARTIFACT_DIR)
     except Exception as e:  # noqa: BLE001 - reported, and the run's metrics are already stored
         log.warning("Could not log the run's plots as MLflow artifacts: %s", e)
         return []
