@@ -51,6 +51,22 @@ def build_module_for(spec: str, batch_size: int, overrides: tuple[str, ...] = ()
     return datamodule, build_module(cfg, datamodule, build_model(cfg, datamodule))
 
 
+def _trainer(devices: int, **kwargs) -> pl.Trainer:
+    """A CPU trainer, DDP over ``devices`` processes when > 1, with no validation, logger, checkpoints or bars."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 def run(
     spec: str,
     devices: int,
@@ -61,19 +77,7 @@ def run(
 ) -> dict:
     """Train ``spec`` for ``epochs`` epochs (no validation); the final parameters, buffers and logged history."""
     datamodule, module = build_module_for(spec, batch_size, ("module.conflict.every_n_steps=1", *overrides))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        precision=precision,
-        max_epochs=epochs,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _trainer(devices, precision=precision, max_epochs=epochs)
     trainer.fit(module, datamodule=datamodule)
     tracker = module.conflict_tracker
     return {
@@ -99,19 +103,7 @@ class _NaNOnRankOne(pl.Callback):
 
 def run_nan(devices: int, batch_size: int, nonfinite: str) -> dict:
     datamodule, module = build_module_for("equal", batch_size, (f"module.nonfinite={nonfinite}",))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp",
-        max_epochs=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_NaNOnRankOne()],
-    )
+    trainer = _trainer(devices, max_epochs=1, callbacks=[_NaNOnRankOne()])
     try:
         trainer.fit(module, datamodule=datamodule)
     except NonFiniteLossError as e:

@@ -155,28 +155,20 @@ def test_server_lost_mid_run_training_finishes_and_the_values_are_replayed(
     (run,) = client.search_runs([client.get_experiment_by_name("mtl-experiments").experiment_id])
     assert run.info.status == "RUNNING"  # what the UI shows until the fallback is replayed
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss/y1")) <= 12
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "mtl_experiments.tracking", "replay", str(fallback)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def replay() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mtl_experiments.tracking", "replay", str(fallback)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    done = replay()
     assert done.returncode == 0, done.stderr
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss/y1"), key=lambda m: m.step)]
     assert steps == list(range(4, 75, 5))  # every logged step once, before and after the outage
     assert "test/y1/auroc" in run.data.metrics and "best/val/mean_auroc" in run.data.metrics
-    again = subprocess.run(
-        [sys.executable, "-m", "mtl_experiments.tracking", "replay", str(fallback)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "Uploaded 0 metric values" in again.stdout  # idempotent
+    assert "Uploaded 0 metric values" in replay().stdout  # idempotent
 
 
 @pytest.mark.slow
