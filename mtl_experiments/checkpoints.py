@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 RUN_ID_KEY = "mtl"  # checkpoint["mtl"]["mlflow_run_id"]: the run a checkpoint belongs to
 
 
+TIME_CHECK_STEPS = 20  # under DDP, LastCheckpoint's clock is consulted every this many steps
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt``, the state ``resume=`` continues from.
 
@@ -78,8 +81,13 @@ class LastCheckpoint(ModelCheckpoint):
             return
         by_steps = self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0
         by_time = False
-        if self.every_n_minutes is not None:
-            by_time = trainer.strategy.broadcast(time.monotonic() - self._last_time >= 60 * self.every_n_minutes)
+        # under DDP every rank must take the same decision, which costs a collective: ask every TIME_CHECK_STEPS
+        # steps, not every step (minutes-scale saving needs no step precision); one process asks every step, free
+        if self.every_n_minutes is not None and (
+            trainer.world_size == 1 or trainer.global_step % TIME_CHECK_STEPS == 0
+        ):
+            due = time.monotonic() - self._last_time >= 60 * self.every_n_minutes
+            by_time = trainer.strategy.reduce_boolean_decision(due, all=False)
         if by_steps or by_time:
             self._save(trainer)
 

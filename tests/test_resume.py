@@ -248,3 +248,30 @@ def test_sigkilled_training_process_resumes_exactly(tracking_uri, tmp_path):
     resumed = final_state(tmp_path / "run")
     assert [k for k in reference if not same(resumed[k], reference[k])] == []
     assert_same_run(histories(tracking_uri, run.info.run_id), histories(tracking_uri, ref.info.run_id))
+
+
+class _SeesLastCheckpoint(pl.Callback):
+    """Records, before each training batch of the first epoch, whether last.ckpt exists yet."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0:
+            self.seen.append(self.path.exists())
+
+
+@pytest.mark.parametrize("minutes, written_mid_epoch", [(1e-9, True), (None, False)])
+def test_time_based_last_checkpoint_is_written_inside_an_epoch(minutes, written_mid_epoch, tmp_path):
+    """every_n_minutes (Lightning ignores its own time interval under manual optimization): with a clock that is
+    always due, last.ckpt exists from the second batch on; without it, only after the epoch."""
+    from mtl_experiments.checkpoints import LastCheckpoint
+    from tests.conftest import bare_trainer
+    from tests.test_module import setup_module_and_batch
+
+    module, dm = setup_module_and_batch()
+    seen = _SeesLastCheckpoint(tmp_path / "last.ckpt")
+    callbacks = [LastCheckpoint(dirpath=str(tmp_path), every_n_minutes=minutes), seen]
+    bare_trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks).fit(module, datamodule=dm)
+    assert seen.seen[0] is False and all(s is written_mid_epoch for s in seen.seen[1:])
+    assert (tmp_path / "last.ckpt").exists()  # the epoch-end checkpoint either way
