@@ -9,7 +9,6 @@ killed run from its last checkpoint into the same MLflow run (mtl_experiments/ch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import warnings
@@ -287,7 +286,7 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:
             print_results(results, tasks, segments=datamodule.segments)
             if mlflow_logger is not None:  # what mtl-recommend --run-id and resume= take
-                Console().print(f"MLflow run {mlflow_logger.run_id} ({tracking.redact(mlflow_logger._tracking_uri)})")
+                Console().print(f"MLflow run {mlflow_logger.run_id} ({tracking.redact(mlflow_logger.tracking_uri)})")
         _report_tracking(mlflow_logger)
         return best
     except BaseException as e:
@@ -299,10 +298,4 @@ def train(cfg: DictConfig) -> float | None:
 def _report_tracking(logger) -> None:
     """Say what happened to the tracking store during the run (an outage, and where its values are)."""
     if isinstance(logger, tracking.ResilientMLFlowLogger) and rank_zero_only.rank == 0:
-        logger._back_online(force=True)
-        message = logger.summary()
-        if message:
-            log.warning(message)
-            if not logger.offline:  # the run itself says it lived through an outage
-                with contextlib.suppress(Exception), tracking.short_http_retries():
-                    logger.experiment.set_tag(logger.run_id, "mtl.tracking_outages", message[:5000])
+        logger.report_outages()

@@ -1,0 +1,79 @@
+"""MLflow specifics, one module per concern:
+
+- ``store``: the tracking URI, the start-up check that the store answers and can be written, the experiment;
+- ``metadata``: what a run records about itself (tags, params, config artifacts);
+- ``logger``: ``ResilientMLFlowLogger`` (buffers through outages, skips resumed steps), final status, ``replay``;
+- ``resume``: the checkpoint of a run id, reopening a run;
+- ``run``: ``with tracking.run(...) as run:`` — the loggers, continue-or-new, FAILED / KILLED, the outage report.
+
+``python -m mtl_experiments.tracking replay <fallback dir>`` uploads what an outage left behind.
+"""
+
+from mtl_experiments.scrub import redact
+from mtl_experiments.tracking.logger import ResilientMLFlowLogger, clean_key, log_artifacts, mark_failed, replay
+from mtl_experiments.tracking.metadata import (
+    CHECKPOINT_ARTIFACTS,
+    CHECKPOINT_DIR_TAG,
+    HOST_TAG,
+    PARENT_RUN_ENV,
+    RESUME_COUNT_TAG,
+    ROLE_TAG,
+    SWEEP_PARENT,
+    changed_params,
+    flatten,
+    git_commit,
+    host,
+    log_config_artifacts,
+    run_tags,
+    sweep_tags,
+)
+from mtl_experiments.tracking.resume import continue_run, run_checkpoint
+from mtl_experiments.tracking.store import (
+    DEFAULT_DB,
+    check_tracking_uri,
+    ensure_experiment,
+    get_run,
+    last_steps,
+    launch_dir,
+    mlflow_logger_node,
+    preflight,
+    resolve_tracking_uri,
+    short_http_retries,
+    store_lock,
+)
+
+__all__ = [
+    "CHECKPOINT_ARTIFACTS",
+    "CHECKPOINT_DIR_TAG",
+    "DEFAULT_DB",
+    "HOST_TAG",
+    "PARENT_RUN_ENV",
+    "RESUME_COUNT_TAG",
+    "ROLE_TAG",
+    "SWEEP_PARENT",
+    "ResilientMLFlowLogger",
+    "changed_params",
+    "check_tracking_uri",
+    "clean_key",
+    "continue_run",
+    "ensure_experiment",
+    "flatten",
+    "get_run",
+    "git_commit",
+    "host",
+    "last_steps",
+    "launch_dir",
+    "log_artifacts",
+    "log_config_artifacts",
+    "mark_failed",
+    "mlflow_logger_node",
+    "preflight",
+    "redact",
+    "replay",
+    "resolve_tracking_uri",
+    "run_checkpoint",
+    "run_tags",
+    "short_http_retries",
+    "store_lock",
+    "sweep_tags",
+]
