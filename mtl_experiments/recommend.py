@@ -289,11 +289,11 @@ def load_run(run_id: str, tracking_uri: str | None = None, device: str = "cpu") 
     from mlflow.tracking import MlflowClient
 
     from mtl_experiments import tracking
-    from mtl_experiments.compare import _check_readable
+    from mtl_experiments.compare import check_readable
 
     os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")  # no download bars in the output
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    _check_readable(uri)  # an SQLite file that is not there is an error (MLflow would create an empty store)
+    check_readable(uri)  # an SQLite file that is not there is an error (MLflow would create an empty store)
     client = MlflowClient(uri)
     try:
         run = client.get_run(run_id)

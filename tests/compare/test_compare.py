@@ -1,147 +1,21 @@
-"""Run comparison (mtl_experiments/compare.py, scripts/compare_runs.py): Δm on hand-computed numbers,
-grouping and mean ± std on runs written straight into a real (temporary) MLflow store, the CLI end to
-end, and a run trained against a real `mlflow server` read back over HTTP."""
+"""Run comparison (mtl_experiments/compare/, scripts/compare_runs.py): grouping and mean ± std on runs written
+straight into a real (temporary) MLflow store, the CLI end to end, and a run trained against a real
+`mlflow server` read back over HTTP."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from mtl_experiments import compare
 from mtl_experiments.pipeline import train
+from tests.compare.compare_store import EXPERIMENT, TEST_KEYS, log_run, make_store
 from tests.conftest import ROOT
-
-EXPERIMENT = "cmp"
-TEST_KEYS = ("y1/auroc", "y1/logloss", "y2/auroc", "y2/logloss")
-
-
-def log_run(
-    client: MlflowClient,
-    exp_id: str,
-    backbone: str,
-    loss: str,
-    seed: int,
-    values: tuple[float, ...] = (),
-    *,
-    correlation: float = 0.5,
-    status: str = "FINISHED",
-    parent: str | None = None,
-    extra_metrics: dict[str, float] | None = None,
-    history: dict[str, list[float]] | None = None,
-) -> str:
-    """One run as ``pipeline.train`` logs it (choice tags, flattened params, test metrics), written directly."""
-    tags = {"data": "synthetic", "backbone": backbone, "loss": loss, "optimizer": "adam", "overrides": f"seed={seed}"}
-    if parent:
-        tags.update({"mlflow.parentRunId": parent, "mtl.sweep_id": parent})
-    run = client.create_run(exp_id, tags=tags, run_name=f"{backbone}-{loss}-seed{seed}")
-    run_id = run.info.run_id
-    params = {
-        "data._target_": "mtl_experiments.data.synthetic.SyntheticDataModule",
-        "data.correlation": correlation,
-        "data.seed": 0,
-        "data.shuffle_seed": seed,
-        "data.tasks.y1.kind": "binary",
-        "data.tasks.y2.kind": "binary",
-        "backbone._target_": f"mtl_experiments.backbone.{backbone}.X",
-        "loss._target_": f"mtl_experiments.loss.{loss}.X",
-        "optimizer.lr": 0.001,
-        "experiment_name": EXPERIMENT,
-        "optimized_metric": "val/mean_auroc",
-        "seed": seed,
-        "paths.output_dir": f"/tmp/outputs/{run_id}",  # per run, not configuration
-        "callbacks.model_checkpoint.dirpath": f"/tmp/outputs/{run_id}/checkpoints",
-    }
-    if backbone == "shared_bottom":
-        params["backbone.bottom_dims"] = "[16]"
-    if loss == "rlw":
-        params["loss.seed"] = seed  # follows the seed
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"test/{k}", v, now, 0) for k, v in zip(TEST_KEYS, values, strict=True)]
-    metrics += [Metric(k, v, now, 0) for k, v in (extra_metrics or {}).items()]
-    metrics += [Metric(k, v, now, step) for k, series in (history or {}).items() for step, v in enumerate(series)]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
-    client.set_terminated(run_id, status)
-    return run_id
-
-
-def make_store(tmp_path: Path, with_single_task: bool = True) -> dict:
-    """A sweep of shared_bottom × {equal, rlw} × seeds {0, 1} (+ a FAILED seed 2), single-task runs of the
-    same data (equal × 2 seeds, rlw × 1) and a single-task run of other data (correlation 0.9)."""
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    client = MlflowClient(uri)
-    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(exp_id, tags={"mtl.role": "sweep_parent"}, run_name="sweep-x").info.run_id
-    ids: dict[str, list[str]] = {}
-
-    def add(name, *args, **kwargs):
-        ids.setdefault(name, []).append(log_run(client, exp_id, *args, parent=parent, **kwargs))
-
-    def conflict(cos, rate):
-        return {
-            "conflict/mean/cosine/y1-y2": cos,
-            "conflict/mean/rate/y1-y2": rate,
-            "conflict/mean/magnitude/y1-y2": 0.9,
-        }
-
-    def curves(seed):
-        return {
-            "train/weight/y1": [1.0, 0.9 + 0.01 * seed, 0.8],
-            "train/weight/y2": [1.0, 1.1, 1.2 - 0.01 * seed],
-            "train/conflict/cosine/y1-y2": [0.3, 0.1, -0.1 + 0.05 * seed],
-        }
-
-    # y1/auroc, y1/logloss, y2/auroc, y2/logloss
-    add(
-        "mtl_equal",
-        "shared_bottom",
-        "equal",
-        0,
-        (0.84, 0.45, 0.70, 0.60),
-        extra_metrics=conflict(0.2, 0.1),
-        history=curves(0),
-    )
-    add(
-        "mtl_equal",
-        "shared_bottom",
-        "equal",
-        1,
-        (0.86, 0.45, 0.70, 0.66),
-        extra_metrics=conflict(0.4, 0.3),
-        history=curves(1),
-    )
-    add("failed", "shared_bottom", "equal", 2, (0.10, 9.0, 0.10, 9.0), status="FAILED")
-    add(
-        "mtl_rlw",
-        "shared_bottom",
-        "rlw",
-        0,
-        (0.80, 0.50, 0.77, 0.54),
-        extra_metrics=conflict(-0.1, 0.6),
-        history=curves(0),
-    )
-    add(
-        "mtl_rlw",
-        "shared_bottom",
-        "rlw",
-        1,
-        (0.80, 0.50, 0.77, 0.54),
-        extra_metrics=conflict(0.1, 0.4),
-        history=curves(1),
-    )
-    if with_single_task:
-        add("stl_equal", "single_task", "equal", 0, (0.79, 0.49, 0.69, 0.59))
-        add("stl_equal", "single_task", "equal", 1, (0.81, 0.51, 0.71, 0.61))
-        add("stl_rlw", "single_task", "rlw", 0, (0.50, 0.90, 0.50, 0.90))  # loss=equal is preferred as baseline
-        add("other_data", "single_task", "equal", 0, (0.60, 0.70, 0.60, 0.70), correlation=0.9)
-    return {"uri": uri, "client": client, "parent": parent, "ids": ids}
 
 
 @pytest.fixture(scope="module")
@@ -153,39 +27,6 @@ def store(tmp_path_factory):
 def row_of(c: compare.Comparison, run_id: str) -> pd.Series:
     (index,) = [i for i, g in enumerate(c.groups) if run_id in {r.run_id for r in g.runs}]
     return c.table.iloc[index]
-
-
-# ----------------------------------------------------------------------------------------------- Δm
-
-
-def test_delta_m_on_hand_computed_numbers():
-    # auroc 0.80 -> 0.84 is +5 %, log loss 0.50 -> 0.45 is a 10 % improvement: Δm = (5 + 10) / 2 = +7.5
-    dirs = {"y1/auroc": True, "y2/logloss": False}
-    model = {"y1/auroc": 0.84, "y2/logloss": 0.45}
-    base = {"y1/auroc": 0.80, "y2/logloss": 0.50}
-    assert compare.delta_m(model, base, dirs) == pytest.approx(7.5)
-    assert compare.delta_m(base, model, dirs) == pytest.approx(100 / 2 * (-0.04 / 0.84 - 0.05 / 0.45))  # worse on both
-    assert compare.delta_m(base, base, dirs) == 0
-    # lower-is-better worse: negative; only the keys of higher_is_better count (K = 1 here)
-    assert compare.delta_m({"a/mse": 1.2, "b/x": 5}, {"a/mse": 1.0, "b/x": 1}, {"a/mse": False}) == pytest.approx(-20)
-    assert math.isnan(compare.delta_m({"a/mse": 1.0}, {"a/mse": 0.0}, {"a/mse": False}))
-
-
-def test_directions_come_from_the_task_kinds_metrics():
-    dirs = compare.metric_directions()
-    assert dirs["auroc"] is True and dirs["accuracy"] is True
-    assert dirs["logloss"] is False and dirs["mse"] is False and dirs["mae"] is False
-    assert compare.direction({"data.tasks.t.kind": "regression"}, "t/mse") is False
-    # metrics a kind logs only with user ids (grouped AUC) and the ranking metrics of retrieval tasks
-    assert compare.direction({"data.tasks.t.kind": "binary"}, "t/gauc") is True
-    assert compare.direction({"data.tasks.t.kind": "retrieval"}, "t/ndcg_10") is True
-
-
-def test_pareto_front_respects_directions():
-    points = [(0.8, 0.7), (0.85, 0.6), (0.7, 0.65), (0.8, 0.7), (math.nan, 1.0)]
-    assert compare.pareto_front(points, (True, True)) == [True, True, False, True, False]
-    # y lower is better: (0.85, 0.6) dominates everything but the ties at x
-    assert compare.pareto_front(points, (True, False)) == [False, True, False, False, False]
 
 
 # ------------------------------------------------------------------------------------ grouping, table
