@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.optimizer.sparse_adam import mark_sparse
 

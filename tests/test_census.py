@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mtl_experiments.data import census_income
-from mtl_experiments.data.base import FeatureSpec
 from mtl_experiments.data.census_income import CATEGORICAL, COLLEGE_LEVELS, NUMERIC, CensusIncomeDataModule
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.features import FeatureEncoder
 from tests.conftest import census_row, free_port, write_census_files

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
 

@@ -33,11 +33,11 @@ def test_unknown_option_lists_the_valid_choices(group, make_cfg):
     [
         (["loss=fixed", "loss.weights={y1: 1.0, clicks: 1.0}"], r"unknown task\(s\) \['clicks'\]"),
         (["loss=fixed", "loss.weights={y1: -1}"], r"loss.weights.y1 must be a finite number >= 0"),
-        (["data.correlation=1.2"], r"data.correlation must lie in \[-1, 1\]"),
-        (["data.correlation=-3"], r"data.correlation must lie in \[-1, 1\]"),
-        (["data.batch_size=0"], "data.batch_size must be a positive integer"),
-        (["data.batch_size=-4"], "data.batch_size must be a positive integer"),
-        (["data.num_samples=0"], "data.num_samples must be a positive integer"),
+        (["data.correlation=1.2"], r"data.correlation must be a number in \[-1, 1\], got 1.2"),
+        (["data.correlation=-3"], r"data.correlation must be a number in \[-1, 1\], got -3"),
+        (["data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
+        (["data.batch_size=-4"], "data.batch_size must be an integer >= 1, got -4"),
+        (["data.num_samples=0"], "data.num_samples must be an integer >= 1, got 0"),
         (["data.tasks.y1.kind=ranking"], "valid kinds are"),
         (["optimized_metric=test/mean_auroc"], "never select on test"),
         (["optimized_metric=val/mean_mse"], "is not logged by this run"),
@@ -86,7 +86,7 @@ def test_cli_config_error_is_one_readable_line(tmp_path):
         "data.correlation=2", f"hydra.run.dir={tmp_path / 'out'}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     )
     assert result.returncode == 2
-    assert "Error: data.correlation must lie in [-1, 1] (it is a cosine), got 2." in result.stderr
+    assert "Error: data.correlation must be a number in [-1, 1], got 2 (it is a cosine)." in result.stderr
     assert "Traceback" not in result.stderr
     assert not db.exists()  # nothing half-written
 

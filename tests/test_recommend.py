@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mtl_experiments import recommend as rec
 from mtl_experiments import tracking
-from mtl_experiments.data.base import _gather
+from mtl_experiments.data.spec import gather
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.pipeline import train
 from mtl_experiments.tasks import build_tasks
@@ -106,7 +106,7 @@ def test_scores_equal_a_direct_forward_on_the_users_training_rows(trained):
     s, split = trained.served, trained.split
     rows = {r["item_id"]: r["tasks"] for r in run_rec(trained, trained.user)}
     mine = torch.nonzero(split["user_id"] == trained.user).squeeze(1)
-    out = forward(s.model, _gather(split["features"], mine))
+    out = forward(s.model, gather(split["features"], mine))
     for j, item in enumerate(split["item_id"][mine].tolist()):
         for name in BINARY:
             assert rows[item][name] == pytest.approx(float(torch.sigmoid(out[name][j].double())), abs=1e-6)

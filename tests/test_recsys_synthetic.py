@@ -13,6 +13,7 @@ from mtl_experiments.data.recsys_synthetic import (
     DEFAULT_TASKS,
     NUMERIC,
     RecsysSyntheticDataModule,
+    WorldConfig,
     generate,
     next_positive_item,
     signal_directions,
@@ -52,7 +53,7 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
 
 
 def test_more_interactions_keep_the_same_users_and_items():
-    small, large = generate(**{**SMALL, "num_interactions": 500}), generate(**SMALL)
+    small, large = generate(WorldConfig(**{**SMALL, "num_interactions": 500})), generate(WorldConfig(**SMALL))
     for side in ("users", "items"):
         for key, value in small[side].items():
             assert np.array_equal(value, large[side][key]), (side, key)
@@ -81,7 +82,7 @@ def test_batches_carry_ids_timestamps_and_every_signal(tmp_path):
 
 
 def test_like_only_after_click_and_watch_time_only_when_clicked():
-    log = generate(**SMALL, click_rate=0.3, like_rate=0.25)["log"]
+    log = generate(WorldConfig(**SMALL, click_rate=0.3, like_rate=0.25))["log"]
     click, like, watch = log["click"], log["like"], log["watch_time"]
     assert click.mean() == pytest.approx(0.3, abs=1e-3)
     assert (like <= click).all() and like.sum() > 0
@@ -91,7 +92,7 @@ def test_like_only_after_click_and_watch_time_only_when_clicked():
 
 
 def test_interest_is_a_property_of_the_user_and_category():
-    world = generate(**SMALL, interest_top_k=2)
+    world = generate(WorldConfig(**SMALL, interest_top_k=2))
     users, items, log = world["users"], world["items"], world["log"]
     table = users["interested_categories"]
     assert (table.sum(axis=1) == 2).all()
@@ -112,7 +113,7 @@ def test_latent_signal_directions_have_the_configured_cosine(p):
 
 def test_correlation_knob_moves_the_label_correlation():
     def label_corr(p: float) -> tuple[float, float]:
-        log = generate(**SMALL, correlation={"like": p, "watch_time": p})["log"]
+        log = generate(WorldConfig(**SMALL, correlation={"like": p, "watch_time": p}))["log"]
         clicked = log["click"] == 1
         return (
             float(np.corrcoef(log["click"], log["like"])[0, 1]),
@@ -127,7 +128,7 @@ def test_correlation_knob_moves_the_label_correlation():
 
 def test_zipf_popularity_concentrates_impressions():
     def top_decile_share(alpha: float) -> float:
-        log = generate(**{**SMALL, "num_items": 1000}, popularity_exponent=alpha)["log"]
+        log = generate(WorldConfig(**{**SMALL, "num_items": 1000}, popularity_exponent=alpha))["log"]
         counts = np.sort(np.bincount(log["item_id"], minlength=1001)[1:])[::-1]
         return counts[:100].sum() / counts.sum()
 
@@ -172,7 +173,7 @@ def test_next_positive_item_is_the_users_next_click():
     click = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
     # user 1 rows 0,2,3,5 (clicks at 0 and 3); user 2 rows 1,4 (click at 4)
     assert next_positive_item(user, item, click).tolist() == [12, 21, 12, 0, 0, 0]
-    log = generate(**{**SMALL, "num_interactions": 2000})["log"]
+    log = generate(WorldConfig(**{**SMALL, "num_interactions": 2000}))["log"]
     for row in range(300):  # against a plain scan of the log
         later = np.flatnonzero((log["user_id"] == log["user_id"][row]) & (log["click"] == 1))
         later = later[later > row]
@@ -182,13 +183,13 @@ def test_next_positive_item_is_the_users_next_click():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_users": 0}, r"data.num_users must be a positive integer, got 0"),
-        ({"num_interactions": 2.5}, r"data.num_interactions must be a positive integer"),
+        ({"num_users": 0}, r"data.num_users must be an integer >= 1, got 0"),
+        ({"num_interactions": 2.5}, r"data.num_interactions must be an integer >= 1, got 2.5"),
         ({"num_interactions": 5}, r"data.split=random: 5 rows are too few for data.val_fraction=0.1"),
-        ({"latent_dim": 2}, r"data.latent_dim must be >= 3"),
+        ({"latent_dim": 2}, r"data.latent_dim must be an integer >= 3, got 2"),
         ({"content_dim": 4}, r"data.content_dim \(4\) must be >= data.latent_dim \(8\)"),
-        ({"correlation": {"like": 1.5}}, r"data.correlation.like must lie in \[-1, 1\]"),
-        ({"correlation": {"watch_time": -2}}, r"data.correlation.watch_time must lie in \[-1, 1\]"),
+        ({"correlation": {"like": 1.5}}, r"data.correlation.like must be a number in \[-1, 1\], got 1.5"),
+        ({"correlation": {"watch_time": -2}}, r"data.correlation.watch_time must be a number in \[-1, 1\], got -2"),
         ({"correlation": {"click": 0.5}}, r"unknown signal\(s\) \['click'\]"),
         (
             {"tasks": {"ctr": {"kind": "binary"}}},
@@ -198,10 +199,13 @@ def test_next_positive_item_is_the_users_next_click():
             {"tasks": {"w": {"kind": "binary", "label": "watch_time"}}},
             r"'watch_time' is regression.*must be regression",
         ),
-        ({"content_strength": 1.2}, r"data.content_strength must lie in \[0, 1\]"),
-        ({"click_rate": 1.0}, r"data.click_rate must lie in \(0, 1\)"),
+        ({"content_strength": 1.2}, r"data.content_strength must be a number in \[0, 1\], got 1.2"),
+        ({"click_rate": 1.0}, r"data.click_rate must be a number in \(0, 1\), got 1.0"),
         ({"noise_std": -1}, r"data.noise_std must be a finite number >= 0"),
-        ({"interest_top_k": 11}, r"data.interest_top_k must lie in \[1, data.num_categories=10\]"),
+        (
+            {"interest_top_k": 11},
+            r"data.interest_top_k must be an integer in \[1, 10\], got 11 \(at most data.num_categories\)",
+        ),
         ({"split": "leave_last"}, r"data.split must be one of \['random', 'cold_user', 'cold_item', 'temporal'\]"),
         ({"split": "cold_user", "cold_fraction": 0}, r"data.cold_fraction must be a number in \(0, 1\)"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, r"must be < 1 \(the rest trains\)"),

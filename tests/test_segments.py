@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mtl_experiments.backbone.shared_bottom import SharedBottom
-from mtl_experiments.data.base import FeatureSpec, TabularDataModule, segment_masks
+from mtl_experiments.data.base import TabularDataModule, segment_masks
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.loss.equal import Equal

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.optimizer.sparse_adam import SparseDenseAdam, check_sparse_training, is_sparse, mark_sparse

@@ -125,7 +125,9 @@ def test_errors(mode, kwargs, drop, message):
 def test_check_split_options_fails_early():
     check_split_options("cold_user", 0.1, 0.1, 0.1)
     check_split_options("random", 7, 0.1, 0.1)  # cold_fraction only matters to the cold modes
-    with pytest.raises(ConfigError, match=r"data.cold_fraction must be a number in \(0, 1\) for data.split=cold_item"):
+    with pytest.raises(
+        ConfigError, match=r"data.cold_fraction must be a number in \(0, 1\), got 0 \(for data.split=cold_item"
+    ):
         check_split_options("cold_item", 0, 0.1, 0.1)
     with pytest.raises(ConfigError, match=r"data.split=temporal: 5 rows are too few for data.val_fraction=0.1"):
         check_split_options("temporal", 0.1, 0.1, 0.1, num_rows=5)

@@ -104,12 +104,12 @@ def test_loader_serves_whole_batches_and_covers_the_split_once():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"correlation": 1.5}, "correlation must lie in [-1, 1]"),
-        ({"correlation": -1.01}, "correlation must lie in [-1, 1]"),
-        ({"num_samples": 0}, "num_samples must be a positive integer"),
-        ({"num_samples": -10}, "num_samples must be a positive integer"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"input_dim": 0}, "input_dim must be a positive integer"),
+        ({"correlation": 1.5}, "correlation must be a number in [-1, 1], got 1.5"),
+        ({"correlation": -1.01}, "correlation must be a number in [-1, 1], got -1.01"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+        ({"num_samples": -10}, "num_samples must be an integer >= 1, got -10"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"input_dim": 0}, "input_dim must be an integer >= 1, got 0"),
         ({"num_samples": 5}, "too small"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, "sum to < 1"),
     ],

@@ -158,7 +158,7 @@ def test_file_errors(tmp_path):
         ({"categorical": [], "numeric": [], "id_columns": {}}, r"needs at least one input column"),
         ({"numeric": "age"}, r"data.numeric must be a list of column names"),
         ({"val_fraction": 0.7, "test_fraction": 0.3}, r"data.val_fraction \+ data.test_fraction must be < 1"),
-        ({"val_path": "v.csv", "test_fraction": 1.0}, r"data.test_fraction must be in \(0, 1\)"),
+        ({"val_path": "v.csv", "test_fraction": 1.0}, r"data.test_fraction must be a number in \(0, 1\), got 1.0"),
         ({"split": "by_user"}, r"data.split must be one of \['random', 'cold_user', 'cold_item', 'temporal'\]"),
         ({"split": "cold_user", "id_columns": {"item_id": "item"}}, r"needs data.id_columns.user_id=<column>"),
         ({"split": "cold_item", "cold_fraction": 1.5}, r"data.cold_fraction must be a number in \(0, 1\)"),

@@ -112,8 +112,8 @@ def test_inference_rejects_bad_training_labels():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"num_classes": 1}, "num_classes must be >= 2"),
-        ({"num_classes": "3"}, "num_classes must be an integer"),
+        ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+        ({"num_classes": "3"}, "num_classes must be an integer >= 2, got '3'"),
         ({"top_k": 0}, "top_k must be"),
         ({"top_k": True}, "top_k must be"),
         ({"classes": 3}, "invalid option"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_experiments.data.base import ItemInfo
+from mtl_experiments.data.spec import ItemInfo
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.tasks import build_task
 from mtl_experiments.tasks import retrieval as retrieval_module
@@ -217,7 +217,7 @@ def test_exclude_train_removes_each_users_training_items_but_never_the_target():
         ({"exclude": "seen"}, "exclude must be one of"),
         ({"dim": 0}, "dim must be an integer >= 1"),
         ({"num_negatives": 0}, "num_negatives must be an integer >= 1"),
-        ({"temperature": 0}, "temperature must be a number > 0"),
+        ({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
         ({"logq_correction": "yes"}, "logq_correction must be true or false"),
         ({"k": []}, "k must be an integer >= 1 or a list"),
         ({"k": "10"}, "k must be an integer >= 1 or a list"),

@@ -1,26 +1,21 @@
-"""The data contract shared by every dataset (DESIGN.md §2).
-
-A batch is a dict ``{"features": {"numeric": FloatTensor[B, N], "categorical": LongTensor[B, C]},
-"labels": {task: Tensor[B]}}`` plus ``user_id`` / ``item_id`` where the dataset has them. Whole splits
-live in memory as tensors and each batch is served by one gather, never per-sample ``__getitem__`` +
-collate (which is several times slower for tabular data).
-"""
+"""The in-memory datamodule every dataset builds on: tasks checked at construction, splits loaded once, evaluation
+segments, and a resumable whole-batch loader. The batch contract itself is data/spec.py's."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from mtl_experiments import checks
+from mtl_experiments.data.spec import ID_KEYS, FeatureSpec, ItemInfo, LabelType, Split, Splits, gather, num_rows
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.tasks import Task, build_tasks
 
-Split = dict  # {"features": {...}, "labels": {...}, optional "user_id"/"item_id"/"timestamp"/"segments"}
-ID_KEYS = ("user_id", "item_id")
+__all__ = ["FeatureSpec", "ItemInfo", "Split", "Splits", "TabularDataModule", "TensorBatchLoader", "require_file"]
 MIN_SEGMENT_ROWS = 100  # evaluation segments (warm / cold_user / cold_item) with fewer rows are not reported
 
 
@@ -38,86 +33,12 @@ def segment_masks(split: Split, seen: Mapping[str, Tensor]) -> dict[str, Tensor]
     return {"warm": warm, **cold}
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What the inputs look like, so the feature layer and backbones are built from data, not constants.
-
-    ``numeric`` names the columns of ``features["numeric"]`` and ``categorical`` those of
-    ``features["categorical"]`` (in that order) with their cardinality: the number of embedding rows,
-    ids ``0 .. cardinality - 1``, *including* any reserved id (real-data modules reserve id 0 for
-    missing and out-of-vocabulary values). ``embedding_dims`` optionally suggests a dimension per
-    categorical column; the feature layer's config (``features.embedding_dims``) overrides it.
-    """
-
-    numeric: tuple[str, ...] = ()
-    categorical: Mapping[str, int] = field(default_factory=dict)  # column name -> cardinality (incl. reserved ids)
-    embedding_dims: Mapping[str, int] = field(default_factory=dict)  # optional column name -> embedding dim
-    # {"user_id": <categorical column>, "item_id": <categorical column>}: which columns hold the user / item id
-    # (either key optional), so the feature layer can represent ids never seen in training (features.py)
-    id_columns: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self):
-        unknown = sorted(set(self.embedding_dims) - set(self.categorical))
-        if unknown:
-            raise DataError(f"FeatureSpec.embedding_dims names non-categorical column(s) {unknown}.")
-        bad = {k: c for k, c in self.id_columns.items() if k not in ID_KEYS or c not in self.categorical}
-        if bad:
-            raise DataError(
-                f"FeatureSpec.id_columns {bad}: keys must be {list(ID_KEYS)} and values categorical columns."
-            )
-
-    @property
-    def num_numeric(self) -> int:
-        return len(self.numeric)
-
-    @property
-    def num_categorical(self) -> int:
-        return len(self.categorical)
-
-    def to_dict(self) -> dict:
-        """Plain containers only (loadable with ``torch.load(weights_only=True)``, e.g. from a cache)."""
-        return {
-            "numeric": list(self.numeric),
-            "categorical": dict(self.categorical),
-            "embedding_dims": dict(self.embedding_dims),
-            "id_columns": dict(self.id_columns),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FeatureSpec:
-        return cls(
-            numeric=tuple(d.get("numeric", ())),
-            categorical=dict(d.get("categorical", {})),
-            embedding_dims=dict(d.get("embedding_dims", {})),
-            id_columns=dict(d.get("id_columns", {})),
-        )
-
-
-@dataclass(frozen=True)
-class ItemInfo:
-    """The item catalogue a dataset knows: ids ``1 .. num_items`` (0 = unknown) and, where items have one, a
-    category per id (``category[0]`` unused), for retrieval heads and beyond-accuracy metrics (diversity)."""
-
-    num_items: int
-    category: Tensor | None = None
-
-
 def require_file(path: str | Path, how_to_get: str) -> Path:
     """Return ``path`` if it is a file, else raise a DataError naming the path and how to obtain it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"Data file not found: {p.resolve()}. {how_to_get}")
     return p
-
-
-def _num_rows(split: Split) -> int:
-    return next(iter(split["labels"].values())).shape[0]
-
-
-def _gather(tree, index: Tensor | slice):
-    if isinstance(tree, Tensor):
-        return tree[index]
-    return {k: _gather(v, index) for k, v in tree.items()}
 
 
 class TensorBatchLoader:
@@ -155,7 +76,7 @@ class TensorBatchLoader:
         self._skip = 0  # batches of that epoch already trained on (set by load_state_dict)
         self._current: int | None = None  # the epoch being iterated, and how many of its batches were handed out
         self._served = 0
-        n = _num_rows(split)
+        n = num_rows(split)
         self._rows = n // world_size if world_size > 1 else n
 
     def __len__(self) -> int:
@@ -170,7 +91,7 @@ class TensorBatchLoader:
         epoch, skip = self.epoch, self._skip
         self.epoch, self._skip = epoch + 1, 0
         self._current, self._served = epoch, skip
-        n = _num_rows(self.split)
+        n = num_rows(self.split)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(n, generator=g)
@@ -182,7 +103,7 @@ class TensorBatchLoader:
         for b in range(skip, len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self._rows)
             self._served = b + 1
-            yield _gather(self.split, slice(lo, hi) if order is None else order[lo:hi])
+            yield gather(self.split, slice(lo, hi) if order is None else order[lo:hi])
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batch"}``: where the next batch comes from; plus what must match on resume."""
@@ -208,7 +129,7 @@ class TensorBatchLoader:
 
 
 class TabularDataModule(pl.LightningDataModule):
-    """Base for in-memory datasets. Subclasses implement ``load() -> (train, val, test, feature_spec)``.
+    """Base for in-memory datasets. Subclasses implement ``load() -> Splits`` (data/spec.py).
 
     ``tasks`` is the dict from the data config ``{name: {kind: ..., ...}}``; it is validated here, at
     construction, so a bad value stops the run before anything is trained or tracked.
@@ -218,30 +139,27 @@ class TabularDataModule(pl.LightningDataModule):
         self, tasks: Mapping, batch_size: int = 256, eval_batch_size: int | None = None, shuffle_seed: int = 0
     ):
         super().__init__()
-        if int(batch_size) <= 0:
-            raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}.")
-        if eval_batch_size is not None and int(eval_batch_size) <= 0:
-            raise ConfigError(f"data.eval_batch_size must be a positive integer, got {eval_batch_size}.")
+        self.batch_size = checks.positive_int("data.batch_size", batch_size)
+        eval_batch_size = checks.optional(checks.positive_int, "data.eval_batch_size", eval_batch_size)
         self.tasks: dict[str, Task] = build_tasks(tasks)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or 4 * batch_size)
+        self.eval_batch_size = eval_batch_size or 4 * self.batch_size
         self.shuffle_seed = int(shuffle_seed)  # the run's seed; a dataset's own `seed` fixes its content
         self.splits: dict[str, Split] | None = None
         self.feature_spec: FeatureSpec | None = None
         self.item_info: ItemInfo | None = None  # set by datasets with an item catalogue, in load()
         self.catalog = None  # a data.catalog.Catalog, set in load() by datasets that can serve recommendations
         self.segments: tuple[str, ...] = ()  # warm / cold_user / cold_item: evaluation segments (after setup)
+        # a task is observed where another task's 0/1 label says so
+        gates = [n for n, t in self.tasks.items() if t.label_type is LabelType.BINARY]
         for name, task in self.tasks.items():
-            if task.observed_if is not None and (
-                task.observed_if not in self.tasks or self.tasks[task.observed_if].kind != "binary"
-            ):
+            if task.observed_if is not None and task.observed_if not in gates:
                 raise ConfigError(
                     f"data.tasks.{name}.observed_if={task.observed_if!r} must name another binary task of this "
                     f"config (its label says whether {name}'s label exists), one of "
-                    f"{[n for n, t in self.tasks.items() if t.kind == 'binary' and n != name]}."
+                    f"{[n for n in gates if n != name]}."
                 )
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+    def load(self) -> Splits:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -250,7 +168,7 @@ class TabularDataModule(pl.LightningDataModule):
         train, val, test, self.feature_spec = self.load()
         self.splits = {"train": train, "val": val, "test": test}
         for name, split in self.splits.items():
-            if _num_rows(split) == 0:
+            if num_rows(split) == 0:
                 raise DataError(f"The {name} split is empty; use more samples or larger split fractions.")
         for task_name, task in self.tasks.items():
             # before the model exists: a retrieval head learns the catalogue size, a multiclass task its classes

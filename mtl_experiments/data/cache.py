@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, Split, TabularDataModule
+from mtl_experiments.data.base import TabularDataModule
+from mtl_experiments.data.spec import Splits
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,11 @@ class CachedDataModule(TabularDataModule):
         """The files -> the cache entry."""
         raise NotImplementedError
 
-    def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
-        """A cache entry -> ``(train, val, test, feature_spec)``; sets ``vocabularies`` and ``numeric_stats``."""
+    def _unpack(self, data: dict) -> Splits:
+        """A cache entry -> ``Splits``; sets ``vocabularies`` and ``numeric_stats``."""
         raise NotImplementedError
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+    def load(self) -> Splits:
         files = self.files()
         path = None
         if self.cache and self.cache_dir is not None:

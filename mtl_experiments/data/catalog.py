@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError, DataError
 
 

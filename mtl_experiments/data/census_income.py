@@ -44,8 +44,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, Split, _gather, require_file
+from mtl_experiments import checks
+from mtl_experiments.data.base import require_file
 from mtl_experiments.data.cache import CachedDataModule
+from mtl_experiments.data.spec import FeatureSpec, LabelType, Splits, gather
 from mtl_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -183,8 +185,7 @@ class CensusIncomeDataModule(CachedDataModule):
         download_sha256: Mapping[str, str] | None = None,
         **kwargs,
     ):
-        if int(task_group) not in TASK_GROUPS:
-            raise ConfigError(f"data.task_group must be one of {sorted(TASK_GROUPS)}, got {task_group}.")
+        checks.choice("data.task_group", task_group, sorted(TASK_GROUPS))
         if tasks is None:  # the group's own tasks, so 'data.task_group=2' alone switches the benchmark
             tasks = {name: {"kind": "binary"} for name in TASK_GROUPS[int(task_group)]}
         super().__init__(tasks=tasks, root=root, cache=cache, cache_dir=cache_dir, **kwargs)
@@ -196,7 +197,7 @@ class CensusIncomeDataModule(CachedDataModule):
                 f"data.task_group={self.task_group} defines the tasks {list(expected)}, but data.tasks has "
                 f"{list(self.tasks)}; set 'data.tasks={{{example}}}'."
             )
-        not_binary = [n for n, t in self.tasks.items() if t.kind != "binary"]
+        not_binary = [n for n, t in self.tasks.items() if t.label_type is not LabelType.BINARY]
         if not_binary:
             raise ConfigError(f"Census-Income tasks are binary; task(s) {not_binary} have another kind.")
         levels = [str(x) for x in college_levels]
@@ -227,10 +228,10 @@ class CensusIncomeDataModule(CachedDataModule):
             download(self.root, self.download_url, self.download_sha256)
         return {split: find_file(self.root, name) for split, name in FILES.items()}
 
-    def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
+    def _unpack(self, data: dict) -> Splits:
         self.vocabularies, self.numeric_stats = data["vocabularies"], data["numeric_stats"]
         s = data["splits"]
-        return s["train"], s["val"], s["test"], FeatureSpec.from_dict(data["feature_spec"])
+        return Splits(s["train"], s["val"], s["test"], FeatureSpec.from_dict(data["feature_spec"]))
 
     def labels(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
         columns = {
@@ -285,7 +286,7 @@ class CensusIncomeDataModule(CachedDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         parts = {"val": order[: n // 2], "test": order[n // 2 :]}
 
-        splits = {"train": full["train"], **{k: _gather(full["test"], idx) for k, idx in parts.items()}}
+        splits = {"train": full["train"], **{k: gather(full["test"], idx) for k, idx in parts.items()}}
         spec = FeatureSpec(numeric=NUMERIC, categorical={c: len(vocab[c]) + 1 for c in CATEGORICAL})
         return {
             "splits": splits,

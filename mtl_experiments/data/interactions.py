@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, _gather
 from mtl_experiments.data.cache import CachedDataModule
 from mtl_experiments.data.catalog import Catalog
+from mtl_experiments.data.spec import FeatureSpec, ItemInfo, Split, Splits, gather
 from mtl_experiments.data.splits import check_split_options, split_rows
 from mtl_experiments.errors import ConfigError
 
@@ -74,12 +74,40 @@ def check_tasks(tasks: Mapping, signals: Mapping[str, tuple[str, ...]], dataset:
 
 
 def labels_for(tasks: Mapping, signals: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{task: its signal}`` (int64 for retrieval / multiclass, float32 otherwise)."""
-    out = {}
-    for name, task in tasks.items():
-        s = signals[task.label]
-        out[name] = s.long() if task.kind in ("retrieval", "multiclass") else s.float()
-    return out
+    """``{task: its signal}``, as the task stores labels (``Task.encode_labels``)."""
+    return {name: task.encode_labels(signals[task.label]) for name, task in tasks.items()}
+
+
+def next_positive_item(user_id: np.ndarray, item_id: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """For each row (rows in time order), the item of the same user's next positive row after it; 0 if none."""
+    order = np.lexsort((np.arange(len(user_id)), user_id))  # by user, then time
+    users, items, pos = user_id[order], item_id[order], np.flatnonzero(positive[order])
+    nxt = np.searchsorted(pos, np.arange(len(order)), side="right")
+    found = nxt < len(pos)
+    target = pos[np.minimum(nxt, max(len(pos) - 1, 0))] if len(pos) else np.zeros(len(order), np.int64)
+    found &= users[target] == users
+    result = np.zeros(len(order), dtype=np.int64)
+    result[order] = np.where(found, items[target], 0)
+    return result
+
+
+def log_splits(
+    categorical: torch.Tensor,
+    numeric: torch.Tensor,
+    labels: Mapping[str, torch.Tensor],
+    rows: Mapping[str, torch.Tensor],
+    parts: Mapping[str, torch.Tensor],
+) -> dict[str, Split]:
+    """``{split: its rows}`` of a log: inputs, labels and the rows' ``user_id`` / ``item_id`` / ``timestamp``;
+    ``parts``: ``{split: row indices}`` (sorted, so a log in time order stays in time order)."""
+    table = {
+        "features": {"categorical": categorical, "numeric": numeric},
+        "labels": dict(labels),
+        "user_id": rows["user_id"],
+        "item_id": rows["item_id"],
+        "timestamp": rows["timestamp"],
+    }
+    return {k: gather(table, idx) for k, idx in parts.items()}
 
 
 def _tensors(tree):
@@ -166,7 +194,7 @@ class InteractionDataModule(CachedDataModule):
             "config": self.preprocessing_config(),
         }
 
-    def _unpack(self, data: dict) -> tuple[Split, Split, Split, FeatureSpec]:
+    def _unpack(self, data: dict) -> Splits:
         self.vocabularies, self.numeric_stats = data["vocabularies"], data["numeric_stats"]
         self.raw_ids = data["raw_ids"]  # id k is raw id raw_ids[...][k - 1] of the files
         spec = FeatureSpec.from_dict(data["feature_spec"])
@@ -174,14 +202,8 @@ class InteractionDataModule(CachedDataModule):
         rows = data["rows"]
         context = rows.get("context")
         columns = [user_cat[rows["user_id"]], item_cat[rows["item_id"]], *([] if context is None else [context])]
-        table = {
-            "features": {"categorical": torch.cat(columns, dim=1), "numeric": item_num[rows["item_id"]]},
-            "labels": labels_for(self.tasks, rows["signals"]),
-            "user_id": rows["user_id"],
-            "item_id": rows["item_id"],
-            "timestamp": rows["timestamp"],
-        }
-        splits = {k: _gather(table, idx) for k, idx in data["parts"].items()}
+        labels = labels_for(self.tasks, rows["signals"])
+        splits = log_splits(torch.cat(columns, dim=1), item_num[rows["item_id"]], labels, rows, data["parts"])
         self.item_info = ItemInfo(num_items=item_cat.shape[0] - 1, category=data["category"])
         self.catalog = None
         if context is None or context.shape[1] == 0:  # context columns belong to neither table: nothing to serve from
@@ -198,4 +220,4 @@ class InteractionDataModule(CachedDataModule):
                 train_item_id=splits["train"]["item_id"],
                 vocabularies={c: {v: k for k, v in enumerate(self.vocabularies[c], 1)} for c in user_columns[1:]},
             )
-        return splits["train"], splits["val"], splits["test"], spec
+        return Splits(splits["train"], splits["val"], splits["test"], spec)

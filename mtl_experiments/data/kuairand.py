@@ -49,9 +49,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec
-from mtl_experiments.data.interactions import InteractionDataModule, code_table, encode, fit_vocabulary, standardise
-from mtl_experiments.data.recsys_synthetic import next_positive_item
+from mtl_experiments.data.interactions import (
+    InteractionDataModule,
+    code_table,
+    encode,
+    fit_vocabulary,
+    next_positive_item,
+    standardise,
+)
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtl_experiments.data.base import FeatureSpec, require_file
-from mtl_experiments.data.interactions import InteractionDataModule, code_table, standardise
-from mtl_experiments.data.recsys_synthetic import next_positive_item
+from mtl_experiments.data.base import require_file
+from mtl_experiments.data.interactions import InteractionDataModule, code_table, next_positive_item, standardise
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError, DataError
 
 GENRES: tuple[str, ...] = (

@@ -58,13 +58,17 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, TabularDataModule, _gather
+from mtl_experiments import checks
+from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.data.catalog import Catalog
+from mtl_experiments.data.interactions import log_splits, next_positive_item
+from mtl_experiments.data.spec import FeatureSpec, ItemInfo, LabelType, Splits
 from mtl_experiments.data.splits import check_split_options, split_rows
 from mtl_experiments.errors import ConfigError
 
@@ -90,6 +94,79 @@ NUMERIC = ("user_activity", "item_log_duration")
 CONTENT_VERSION = 1  # bump when the content vectors' generation changes (part of the default file name)
 _CHUNK = 1 << 20  # rows per chunk of the N x d products, bounding memory for tens of millions of rows
 _STREAMS = ("users", "items", "effects", "log", "noise", "content", "split")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The generator's settings (the module docstring's symbols), each a ``data.<field>`` key of
+    conf/data/recsys_synthetic.yaml; checked and converted once, here."""
+
+    num_users: int = 5000
+    num_items: int = 1000
+    num_interactions: int = 100_000
+    latent_dim: int = 16
+    num_categories: int = 20
+    category_strength: float = 0.5
+    popularity_exponent: float = 1.0
+    activity_sigma: float = 1.0
+    correlation: Mapping[str, float] = field(default_factory=dict)  # missing signals: 0.5
+    feature_effect_std: float = 0.3
+    noise_std: float = 1.0
+    click_rate: float = 0.2
+    like_rate: float = 0.2
+    interest_top_k: int = 3
+    interest_noise: float = 0.5
+    time_span_days: float = 30.0
+    content_dim: int = 64
+    content_strength: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self):
+        for key, value in self._checked().items():
+            object.__setattr__(self, key, value)
+
+    def _checked(self) -> dict:
+        """Every field checked (``checks``), as int / float / a full correlation dict."""
+        out = {k: checks.positive_int(f"data.{k}", getattr(self, k)) for k in ("num_users", "num_items",
+               "num_interactions", "num_categories")}  # fmt: skip
+        out["latent_dim"] = checks.integer(
+            "data.latent_dim", self.latent_dim, low=1 + len(CORRELATED),
+            hint=f"one direction for click and one of its own for each of {list(CORRELATED)}",
+        )  # fmt: skip
+        out["content_dim"] = checks.positive_int("data.content_dim", self.content_dim)
+        if out["content_dim"] < out["latent_dim"]:
+            raise ConfigError(
+                f"data.content_dim ({self.content_dim}) must be >= data.latent_dim ({self.latent_dim}) so the content "
+                "vectors can carry the item factors."
+            )
+        corr = dict(self.correlation or {})
+        unknown = sorted(set(corr) - set(CORRELATED))
+        if unknown:
+            raise ConfigError(
+                f"data.correlation has unknown signal(s) {unknown}; it sets the correlation of {list(CORRELATED)} "
+                "with click, e.g. data.correlation.like=0.8."
+            )
+        out["correlation"] = {
+            name: checks.number(f"data.correlation.{name}", corr.get(name, 0.5), low=-1, high=1,
+                                hint="a correlation with click")
+            for name in CORRELATED
+        }  # fmt: skip
+        for key in ("category_strength", "content_strength"):
+            out[key] = checks.fraction(f"data.{key}", getattr(self, key))
+        for key in ("click_rate", "like_rate"):
+            out[key] = checks.fraction(f"data.{key}", getattr(self, key), open_low=True, open_high=True)
+        for key in ("popularity_exponent", "activity_sigma", "feature_effect_std", "noise_std", "interest_noise"):
+            out[key] = checks.non_negative_number(f"data.{key}", getattr(self, key))
+        out["time_span_days"] = checks.positive_number("data.time_span_days", self.time_span_days)
+        out["interest_top_k"] = checks.integer(
+            "data.interest_top_k", self.interest_top_k, low=1, high=out["num_categories"],
+            hint="at most data.num_categories",
+        )  # fmt: skip
+        out["seed"] = checks.non_negative_int("data.seed", self.seed)
+        return out
+
+
+WORLD_KEYS = tuple(f.name for f in fields(WorldConfig))
 
 
 def _streams(seed: int) -> dict[str, np.random.Generator]:
@@ -121,113 +198,119 @@ def signal_directions(latent_dim: int, correlation: Mapping[str, float], rng: np
     return np.column_stack(cols)
 
 
-def generate(
-    num_users: int,
-    num_items: int,
-    num_interactions: int,
-    latent_dim: int = 16,
-    num_categories: int = 20,
-    category_strength: float = 0.5,
-    popularity_exponent: float = 1.0,
-    activity_sigma: float = 1.0,
-    correlation: Mapping[str, float] | None = None,
-    feature_effect_std: float = 0.3,
-    noise_std: float = 1.0,
-    click_rate: float = 0.2,
-    like_rate: float = 0.2,
-    interest_top_k: int = 3,
-    interest_noise: float = 0.5,
-    time_span_days: float = 30.0,
-    seed: int = 0,
-) -> dict:
+def generate(config: WorldConfig) -> dict:
     """The world and its log as numpy arrays (see the module docstring); ids are 1-based.
 
     Returns ``{"users": {...}, "items": {...}, "log": {...}}``: per-user arrays indexed by user id - 1,
     per-item arrays by item id - 1, and the log's columns (one row per impression, in time order).
     """
-    corr = {name: 0.5 for name in CORRELATED} | dict(correlation or {})
-    rng = _streams(seed)
-    d = int(latent_dim)
+    rng = _streams(config.seed)
+    users, log_activity = _users(config, rng["users"])
+    items, category, popularity = _items(config, rng["items"])
+    users["interested_categories"] = _interests(config, users["factors"], items["centroids"], rng["noise"])
+    user_idx, item_idx, timestamp = _impressions(config, log_activity, popularity, rng["log"])
+    utility = _utility(config, users, items, user_idx, item_idx, rng)
+    return {"users": users, "items": items, "log": _signals(config, users, items, user_idx, item_idx, timestamp,
+                                                            utility, category)}  # fmt: skip
 
-    # users
-    r = rng["users"]
-    u = r.standard_normal((num_users, d), dtype=np.float32)
-    log_activity = activity_sigma * r.standard_normal(num_users)
+
+def _users(c: WorldConfig, r: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """User factors u, their side features and log-activity (the ``users`` stream)."""
+    d = c.latent_dim
+    u = r.standard_normal((c.num_users, d), dtype=np.float32)
+    log_activity = c.activity_sigma * r.standard_normal(c.num_users)
     users = {
         "factors": u,
-        "age_bucket": _buckets(u @ _unit(r, d) + 0.5 * r.standard_normal(num_users), USER_FEATURES["age_bucket"]),
+        "age_bucket": _buckets(u @ _unit(r, d) + 0.5 * r.standard_normal(c.num_users), USER_FEATURES["age_bucket"]),
         "region": np.argmax(
             u @ r.standard_normal((d, USER_FEATURES["region"])) / math.sqrt(d)
-            + r.gumbel(size=(num_users, USER_FEATURES["region"])),
+            + r.gumbel(size=(c.num_users, USER_FEATURES["region"])),
             axis=1,
         ).astype(np.int64)
         + 1,
         "activity_level": _buckets(log_activity, USER_FEATURES["activity_level"]),
-        "user_activity": (log_activity / activity_sigma if activity_sigma > 0 else log_activity).astype(np.float32),
+        "user_activity": (log_activity / c.activity_sigma if c.activity_sigma > 0 else log_activity).astype(np.float32),
     }
+    return users, log_activity
 
-    # items
-    r = rng["items"]
-    centroids = r.standard_normal((num_categories, d), dtype=np.float32)
-    category = r.integers(0, num_categories, num_items)
-    s = float(category_strength)
-    v = (math.sqrt(s) * centroids[category] + math.sqrt(1 - s) * r.standard_normal((num_items, d))).astype(np.float32)
-    log_duration_std = 0.6 * (v @ _unit(r, d)) + 0.8 * r.standard_normal(num_items)  # unit variance
-    ranking = r.permutation(num_items)  # ranking[k] = index of the (k+1)-th most popular item
-    popularity = np.empty(num_items)
-    popularity[ranking] = (np.arange(num_items) + 1.0) ** -float(popularity_exponent)
+
+def _items(c: WorldConfig, r: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Item factors v (around their category centroid), side features, durations and Zipf popularity (the
+    ``items`` stream); also the 0-based categories and the unnormalised popularity."""
+    d, n = c.latent_dim, c.num_items
+    centroids = r.standard_normal((c.num_categories, d), dtype=np.float32)
+    category = r.integers(0, c.num_categories, n)
+    s = c.category_strength
+    v = (math.sqrt(s) * centroids[category] + math.sqrt(1 - s) * r.standard_normal((n, d))).astype(np.float32)
+    log_duration_std = 0.6 * (v @ _unit(r, d)) + 0.8 * r.standard_normal(n)  # unit variance
+    ranking = r.permutation(n)  # ranking[k] = index of the (k+1)-th most popular item
+    popularity = np.empty(n)
+    popularity[ranking] = (np.arange(n) + 1.0) ** -c.popularity_exponent
     items = {
         "factors": v,
         "centroids": centroids,
         "category": category.astype(np.int64) + 1,
-        "price_bucket": _buckets(v @ _unit(r, d) + 0.5 * r.standard_normal(num_items), PRICE_BUCKETS),
+        "price_bucket": _buckets(v @ _unit(r, d) + 0.5 * r.standard_normal(n), PRICE_BUCKETS),
         "item_log_duration": log_duration_std.astype(np.float32),
         "duration_seconds": (120.0 * np.exp(0.8 * log_duration_std)).astype(np.float32),
         "popularity": (popularity / popularity.sum()).astype(np.float32),
     }
+    return items, category, popularity
 
-    # the user x category interest table (one noisy affinity per pair; top-k per user)
-    affinity = u @ centroids.T / math.sqrt(d) + interest_noise * rng["noise"].standard_normal(
-        (num_users, num_categories), dtype=np.float32
+
+def _interests(c: WorldConfig, u: np.ndarray, centroids: np.ndarray, noise: np.random.Generator) -> np.ndarray:
+    """The user x category interest table: one noisy affinity per pair, the top-k categories per user."""
+    affinity = u @ centroids.T / math.sqrt(c.latent_dim) + c.interest_noise * noise.standard_normal(
+        (c.num_users, c.num_categories), dtype=np.float32
     )
-    top = np.argpartition(-affinity, interest_top_k - 1, axis=1)[:, :interest_top_k]
-    interested = np.zeros((num_users, num_categories), dtype=bool)
+    top = np.argpartition(-affinity, c.interest_top_k - 1, axis=1)[:, : c.interest_top_k]
+    interested = np.zeros((c.num_users, c.num_categories), dtype=bool)
     np.put_along_axis(interested, top, True, axis=1)
-    users["interested_categories"] = interested
+    return interested
 
-    # impressions
-    r = rng["log"]
-    n = int(num_interactions)
+
+def _impressions(
+    c: WorldConfig, log_activity: np.ndarray, popularity: np.ndarray, r: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Who sees what when (the ``log`` stream): user ∝ activity, item ∝ popularity, sorted timestamps."""
+    n = c.num_interactions
     activity = np.exp(log_activity - log_activity.max())  # shifted: no overflow for a large activity_sigma
-    user_idx = r.choice(num_users, size=n, p=activity / activity.sum())
-    item_idx = r.choice(num_items, size=n, p=popularity / popularity.sum())
-    timestamp = np.sort(r.integers(0, max(1, int(time_span_days * 86400)), n))
+    user_idx = r.choice(c.num_users, size=n, p=activity / activity.sum())
+    item_idx = r.choice(c.num_items, size=n, p=popularity / popularity.sum())
+    timestamp = np.sort(r.integers(0, max(1, int(c.time_span_days * 86400)), n))
+    return user_idx, item_idx, timestamp
 
-    # per-signal feature effects, one table per categorical side feature
-    r = rng["effects"]
-    w = signal_directions(d, corr, r).astype(np.float32)
+
+def _utility(c: WorldConfig, users: dict, items: dict, user_idx: np.ndarray, item_idx: np.ndarray, rng: dict):
+    """``y[N, 3]``: the utilities of click, like, watch_time (latent match + feature effects + noise)."""
+    r, n = rng["effects"], len(user_idx)
+    w = signal_directions(c.latent_dim, c.correlation, r).astype(np.float32)
     sides = [  # (ids 1..n per user or item, n, the row's user or item index)
         *((users[f], n_values, user_idx) for f, n_values in USER_FEATURES.items()),
-        (items["category"], num_categories, item_idx),
+        (items["category"], c.num_categories, item_idx),
         (items["price_bucket"], PRICE_BUCKETS, item_idx),
     ]
+    u, v = users["factors"], items["factors"]
     utility = np.empty((n, w.shape[1]), dtype=np.float32)
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
         utility[lo:hi] = (u[user_idx[lo:hi]] * v[item_idx[lo:hi]]) @ w
     for values, n_values, index in sides:
-        effects = r.normal(0.0, feature_effect_std, (w.shape[1], n_values + 1)).astype(np.float32)
+        effects = r.normal(0.0, c.feature_effect_std, (w.shape[1], n_values + 1)).astype(np.float32)
         utility += effects[:, values[index]].T
-    utility += noise_std * rng["noise"].standard_normal((n, w.shape[1]), dtype=np.float32)
+    utility += c.noise_std * rng["noise"].standard_normal((n, w.shape[1]), dtype=np.float32)
+    return utility
 
-    click = utility[:, 0] > np.quantile(utility[:, 0], 1 - click_rate)
-    like = click & (utility[:, 1] > np.quantile(utility[:, 1], 1 - like_rate))
+
+def _signals(c: WorldConfig, users, items, user_idx, item_idx, timestamp, utility, category) -> dict[str, np.ndarray]:
+    """The log's columns: ids, timestamp and every signal (see the module docstring)."""
+    click = utility[:, 0] > np.quantile(utility[:, 0], 1 - c.click_rate)
+    like = click & (utility[:, 1] > np.quantile(utility[:, 1], 1 - c.like_rate))
     watched_share = 0.5 * (1 + np.tanh(utility[:, 2] / 2))  # sigmoid(y_watch), without exp overflow warnings
     seconds = np.where(click, items["duration_seconds"][item_idx] * watched_share, 0.0)
-    interest = interested[user_idx, category[item_idx]]
-
+    interest = users["interested_categories"][user_idx, category[item_idx]]
     user_id, item_id = user_idx.astype(np.int64) + 1, item_idx.astype(np.int64) + 1
-    log = {
+    return {
         "user_id": user_id,
         "item_id": item_id,
         "timestamp": timestamp.astype(np.int64),
@@ -238,33 +321,17 @@ def generate(
         "interest": interest.astype(np.float32),
         "next_item_id": next_positive_item(user_id, item_id, click),
     }
-    return {"users": users, "items": items, "log": log}
 
 
-def next_positive_item(user_id: np.ndarray, item_id: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """For each row (rows in time order), the item of the same user's next positive row after it; 0 if none."""
-    order = np.lexsort((np.arange(len(user_id)), user_id))  # by user, then time
-    users, items, pos = user_id[order], item_id[order], np.flatnonzero(positive[order])
-    nxt = np.searchsorted(pos, np.arange(len(order)), side="right")
-    found = nxt < len(pos)
-    target = pos[np.minimum(nxt, max(len(pos) - 1, 0))] if len(pos) else np.zeros(len(order), np.int64)
-    found &= users[target] == users
-    result = np.zeros(len(order), dtype=np.int64)
-    result[order] = np.where(found, items[target], 0)
-    return result
-
-
-def content_vectors(
-    item_factors: np.ndarray, content_dim: int = 64, content_strength: float = 0.8, seed: int = 0
-) -> np.ndarray:
+def content_vectors(item_factors: np.ndarray, config: WorldConfig) -> np.ndarray:
     """``[num_items + 1, content_dim]`` float32: row i is item id i, row 0 (the unknown id) zeros."""
-    rng = _streams(seed)["content"]
+    rng = _streams(config.seed)["content"]
     num_items, d = item_factors.shape
-    q, _ = np.linalg.qr(rng.standard_normal((content_dim, d)))  # orthonormal columns
-    rho = float(content_strength)
+    q, _ = np.linalg.qr(rng.standard_normal((config.content_dim, d)))  # orthonormal columns
+    rho = config.content_strength
     signal = item_factors.astype(np.float64) @ q.T
-    vectors = rho * signal + math.sqrt(1 - rho * rho) * rng.standard_normal((num_items, content_dim))
-    return np.vstack([np.zeros((1, content_dim)), vectors]).astype(np.float32)
+    vectors = rho * signal + math.sqrt(1 - rho * rho) * rng.standard_normal((num_items, config.content_dim))
+    return np.vstack([np.zeros((1, config.content_dim)), vectors]).astype(np.float32)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -279,42 +346,25 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 class RecsysSyntheticDataModule(TabularDataModule):
     """The synthetic recommender scenario; see the module docstring for the world, signals and files.
 
-    ``tasks``: ``{name: {kind, label}}``; ``label`` (default: the name) is one of ``SIGNALS``. ``seed``
-    fixes the data (the run's ``seed`` only the model and batch order). ``content_vectors_path``: where the
-    item content vectors are written (null: ``<cache_dir>/item_content-<key>.npy``, key = the parameters
-    they depend on); after ``setup()`` it is ``self.content_vectors_path``.
+    ``tasks``: ``{name: {kind, label}}``; ``label`` (default: the name) is one of ``SIGNALS``. The generator's
+    settings (``num_users``, ``latent_dim``, ``correlation``, ..., ``seed``: ``WorldConfig``'s fields) become
+    ``self.config``; ``seed`` fixes the data (the run's ``seed`` only the model and batch order).
+    ``content_vectors_path``: where the item content vectors are written (null: ``<cache_dir>/item_content-<key>.npy``,
+    key = the settings they depend on); after ``setup()`` it is ``self.content_vectors_path``.
     """
 
     def __init__(
         self,
         tasks: Mapping | None = None,
-        num_users: int = 5000,
-        num_items: int = 1000,
-        num_interactions: int = 100_000,
-        latent_dim: int = 16,
-        num_categories: int = 20,
-        category_strength: float = 0.5,
-        popularity_exponent: float = 1.0,
-        activity_sigma: float = 1.0,
-        correlation: Mapping[str, float] | None = None,
-        feature_effect_std: float = 0.3,
-        noise_std: float = 1.0,
-        click_rate: float = 0.2,
-        like_rate: float = 0.2,
-        interest_top_k: int = 3,
-        interest_noise: float = 0.5,
-        time_span_days: float = 30.0,
-        content_dim: int = 64,
-        content_strength: float = 0.8,
         content_vectors_path: str | None = None,
         cache_dir: str | None = "~/.cache/mtl-experiments/recsys-synthetic",
         split: str = "random",
         cold_fraction: float = 0.1,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        seed: int = 0,
         **kwargs,
     ):
+        world = {k: kwargs.pop(k) for k in WORLD_KEYS if k in kwargs}
         if tasks is None:
             tasks = {name: {"kind": SIGNALS[name]} for name in DEFAULT_TASKS}
         super().__init__(tasks=tasks, **kwargs)
@@ -330,71 +380,8 @@ class RecsysSyntheticDataModule(TabularDataModule):
                     f"data.tasks.{name}: signal {task.label!r} is {SIGNALS[task.label]}, so the task's kind must be "
                     f"{' or '.join(allowed)}, got {task.kind!r}."
                 )
-        sizes = {"num_users": num_users, "num_items": num_items, "num_interactions": num_interactions,
-                 "latent_dim": latent_dim, "num_categories": num_categories, "content_dim": content_dim}  # fmt: skip
-        for key, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}.")
-        if latent_dim < 1 + len(CORRELATED):
-            raise ConfigError(
-                f"data.latent_dim must be >= {1 + len(CORRELATED)} (one direction for click and one of its own for "
-                f"each of {list(CORRELATED)}), got {latent_dim}."
-            )
-        if content_dim < latent_dim:
-            raise ConfigError(
-                f"data.content_dim ({content_dim}) must be >= data.latent_dim ({latent_dim}) so the content vectors "
-                "can carry the item factors."
-            )
-        corr = dict(correlation or {})
-        unknown = sorted(set(corr) - set(CORRELATED))
-        if unknown:
-            raise ConfigError(
-                f"data.correlation has unknown signal(s) {unknown}; it sets the correlation of {list(CORRELATED)} "
-                "with click, e.g. data.correlation.like=0.8."
-            )
-        for name, p in corr.items():
-            if not isinstance(p, (int, float)) or not -1.0 <= float(p) <= 1.0:
-                raise ConfigError(f"data.correlation.{name} must lie in [-1, 1] (a correlation with click), got {p!r}.")
-        unit = {"category_strength": category_strength, "content_strength": content_strength}
-        for key, value in unit.items():
-            if not 0.0 <= float(value) <= 1.0:
-                raise ConfigError(f"data.{key} must lie in [0, 1], got {value}.")
-        for key, value in {"click_rate": click_rate, "like_rate": like_rate}.items():
-            if not 0.0 < float(value) < 1.0:
-                raise ConfigError(f"data.{key} must lie in (0, 1), got {value}.")
-        nonneg = {"popularity_exponent": popularity_exponent, "activity_sigma": activity_sigma,
-                  "feature_effect_std": feature_effect_std, "noise_std": noise_std,
-                  "interest_noise": interest_noise}  # fmt: skip
-        for key, value in nonneg.items():
-            if not (math.isfinite(float(value)) and float(value) >= 0):
-                raise ConfigError(f"data.{key} must be a finite number >= 0, got {value}.")
-        if float(time_span_days) <= 0:
-            raise ConfigError(f"data.time_span_days must be > 0, got {time_span_days}.")
-        if not 1 <= int(interest_top_k) <= int(num_categories):
-            raise ConfigError(
-                f"data.interest_top_k must lie in [1, data.num_categories={num_categories}], got {interest_top_k}."
-            )
-        check_split_options(split, cold_fraction, val_fraction, test_fraction, num_rows=num_interactions)
-        self.params = dict(
-            num_users=num_users,
-            num_items=num_items,
-            num_interactions=num_interactions,
-            latent_dim=latent_dim,
-            num_categories=num_categories,
-            category_strength=float(category_strength),
-            popularity_exponent=float(popularity_exponent),
-            activity_sigma=float(activity_sigma),
-            correlation={name: float(corr.get(name, 0.5)) for name in CORRELATED},
-            feature_effect_std=float(feature_effect_std),
-            noise_std=float(noise_std),
-            click_rate=float(click_rate),
-            like_rate=float(like_rate),
-            interest_top_k=int(interest_top_k),
-            interest_noise=float(interest_noise),
-            time_span_days=float(time_span_days),
-            seed=int(seed),
-        )
-        self.content = {"content_dim": content_dim, "content_strength": float(content_strength)}
+        self.config = WorldConfig(**world)
+        check_split_options(split, cold_fraction, val_fraction, test_fraction, num_rows=self.config.num_interactions)
         self.split = split
         self.split_options = {
             "val_fraction": val_fraction,
@@ -410,8 +397,10 @@ class RecsysSyntheticDataModule(TabularDataModule):
         self.world: dict | None = None  # users, items and the full log, after setup()
 
     def _default_content_path(self) -> Path:
-        keys = ("num_items", "latent_dim", "num_categories", "category_strength", "seed")
-        blob = {"version": CONTENT_VERSION, **{k: self.params[k] for k in keys}, **self.content}
+        keys = ("num_items", "latent_dim", "num_categories", "category_strength", "seed", "content_dim",
+                "content_strength")  # fmt: skip
+        settings = asdict(self.config)
+        blob = {"version": CONTENT_VERSION, **{k: settings[k] for k in keys}}
         key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
         return self.cache_dir / f"item_content-{key}.npy"
 
@@ -420,10 +409,10 @@ class RecsysSyntheticDataModule(TabularDataModule):
         """The whole impression log in time order (after ``setup()``)."""
         return self.world["log"]
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
-        self.world = world = generate(**self.params)
+    def load(self) -> Splits:
+        self.world = world = generate(self.config)
         users, items, rows = world["users"], world["items"], world["log"]
-        vectors = content_vectors(items["factors"], seed=self.params["seed"], **self.content)
+        vectors = content_vectors(items["factors"], self.config)
         write_npy(self.content_vectors_path, vectors)
         log.info("recsys_synthetic: item content vectors %s written to %s", vectors.shape, self.content_vectors_path)
 
@@ -443,49 +432,56 @@ class RecsysSyntheticDataModule(TabularDataModule):
             user_id=rows["user_id"],
             item_id=rows["item_id"],
             timestamp=rows["timestamp"],
-            seed=int(_streams(self.params["seed"])["split"].integers(2**63)),  # the split's own stream
+            seed=int(_streams(self.config.seed)["split"].integers(2**63)),  # the split's own stream
             **self.split_options,
         )
-        labels = {name: rows[SIGNAL_COLUMN.get(task.label, task.label)] for name, task in self.tasks.items()}
-        if self.split == "cold_item":  # a held-out item is not even a training target (see the module docstring)
-            held_out = ~np.isin(np.arange(self.params["num_items"] + 1), rows["item_id"][parts["train"]])
-            held_out[0] = False
-            train_rows = np.zeros(len(u), dtype=bool)
-            train_rows[parts["train"]] = True
-            for name, task in self.tasks.items():
-                if task.kind == "retrieval":
-                    labels[name] = np.where(train_rows & held_out[labels[name]], 0, labels[name])
-        table = {
-            "features": {"categorical": torch.from_numpy(categorical), "numeric": torch.from_numpy(numeric)},
-            "labels": {name: torch.from_numpy(values) for name, values in labels.items()},
-            "user_id": torch.from_numpy(rows["user_id"]),
-            "item_id": torch.from_numpy(rows["item_id"]),
-            "timestamp": torch.from_numpy(rows["timestamp"]),
-        }
+        labels = self._labels(rows, parts["train"])
         # split_rows gives sorted rows, so each split stays in time order (the loader shuffles training batches)
-        splits = {name: _gather(table, torch.from_numpy(idx)) for name, idx in parts.items()}
-        cards = {"user_id": self.params["num_users"], "item_id": self.params["num_items"], **USER_FEATURES,
-                 "category": self.params["num_categories"], "price_bucket": PRICE_BUCKETS}  # fmt: skip
+        splits = log_splits(
+            torch.from_numpy(categorical),
+            torch.from_numpy(numeric),
+            labels,
+            {k: torch.from_numpy(rows[k]) for k in ("user_id", "item_id", "timestamp")},
+            {name: torch.from_numpy(idx) for name, idx in parts.items()},
+        )
+        spec = self._catalogue(users, items, splits["train"])
+        return Splits(splits["train"], splits["val"], splits["test"], spec)
+
+    def _labels(self, rows: Mapping[str, np.ndarray], train: np.ndarray) -> dict[str, torch.Tensor]:
+        """Each task's signal; under ``cold_item`` an item label naming a held-out item is 0 on training rows (see
+        the module docstring)."""
+        labels = {name: rows[SIGNAL_COLUMN.get(task.label, task.label)] for name, task in self.tasks.items()}
+        if self.split == "cold_item":
+            held_out = ~np.isin(np.arange(self.config.num_items + 1), rows["item_id"][train])
+            held_out[0] = False
+            train_rows = np.zeros(len(rows["user_id"]), dtype=bool)
+            train_rows[train] = True
+            for name, task in self.tasks.items():
+                if task.label_type is LabelType.ITEM:
+                    labels[name] = np.where(train_rows & held_out[labels[name]], 0, labels[name])
+        return {name: self.tasks[name].encode_labels(values) for name, values in labels.items()}
+
+    def _catalogue(self, users: Mapping, items: Mapping, train) -> FeatureSpec:
+        """The feature spec; sets ``item_info`` and the serving ``catalog`` (user and item tables by id)."""
+        c = self.config
+        cards = {"user_id": c.num_users, "item_id": c.num_items, **USER_FEATURES, "category": c.num_categories,
+                 "price_bucket": PRICE_BUCKETS}  # fmt: skip
         spec = FeatureSpec(
             numeric=NUMERIC,
-            categorical={c: cards[c] + 1 for c in CATEGORICAL},  # + the id 0
+            categorical={col: cards[col] + 1 for col in CATEGORICAL},  # + the id 0
             id_columns={"user_id": "user_id", "item_id": "item_id"},
         )
-        self.item_info = ItemInfo(self.params["num_items"], category=id_table(items["category"]))
+        self.item_info = ItemInfo(c.num_items, category=id_table(items["category"]))
         self.catalog = Catalog(
-            users={
-                "user_id": torch.arange(self.params["num_users"] + 1),
-                **{f: id_table(users[f]) for f in (*USER_FEATURES, "user_activity")},
-            },
-            items={
-                "item_id": torch.arange(self.params["num_items"] + 1),
-                **{f: id_table(items[f]) for f in (*ITEM_FEATURES, "item_log_duration")},
-            },
+            users={"user_id": torch.arange(c.num_users + 1), **{f: id_table(users[f]) for f in (*USER_FEATURES,
+                   "user_activity")}},
+            items={"item_id": torch.arange(c.num_items + 1), **{f: id_table(items[f]) for f in (*ITEM_FEATURES,
+                   "item_log_duration")}},
             spec=spec,
-            train_user_id=splits["train"]["user_id"],
-            train_item_id=splits["train"]["item_id"],
-        )
-        return splits["train"], splits["val"], splits["test"], spec
+            train_user_id=train["user_id"],
+            train_item_id=train["item_id"],
+        )  # fmt: skip
+        return spec
 
 
 def id_table(values: np.ndarray) -> torch.Tensor:

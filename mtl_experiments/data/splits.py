@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 
 SPLIT_MODES = ("random", "cold_user", "cold_item", "temporal")
@@ -31,23 +32,17 @@ def check_split_options(
     """Raise a ConfigError for an unknown mode or fractions out of range (call it in a dataset's ``__init__``,
     before anything is read or trained). With ``num_rows`` (a dataset that knows its size up front), also for
     a log too small to give three non-empty splits."""
-    if split not in SPLIT_MODES:
-        raise ConfigError(f"data.split must be one of {list(SPLIT_MODES)}, got {split!r}.")
+    checks.choice("data.split", split, SPLIT_MODES)
     for key, value in {"val_fraction": val_fraction, "test_fraction": test_fraction}.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ConfigError(f"data.{key} must be a number in (0, 1), got {value!r}.")
+        checks.fraction(f"data.{key}", value, open_low=True, open_high=True)
     if val_fraction + test_fraction >= 1:
         raise ConfigError(
             f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), got {val_fraction} + "
             f"{test_fraction}."
         )
-    if split in COLD_KEY and (
-        isinstance(cold_fraction, bool) or not isinstance(cold_fraction, (int, float)) or not 0 < cold_fraction < 1
-    ):
-        raise ConfigError(
-            f"data.cold_fraction must be a number in (0, 1) for data.split={split} (the share of "
-            f"{COLD_KEY[split][:-3]}s held out of training), got {cold_fraction!r}."
-        )
+    if split in COLD_KEY:
+        hint = f"for data.split={split}: the share of {COLD_KEY[split][:-3]}s held out of training"
+        checks.fraction("data.cold_fraction", cold_fraction, open_low=True, open_high=True, hint=hint)
     if num_rows is not None:
         _random_parts(split, int(num_rows), val_fraction, test_fraction)
 

@@ -22,7 +22,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mtl_experiments.data.base import FeatureSpec, Split, TabularDataModule
+from mtl_experiments import checks
+from mtl_experiments.data.base import TabularDataModule
+from mtl_experiments.data.spec import FeatureSpec, LabelType, Splits
 from mtl_experiments.errors import ConfigError
 
 
@@ -99,27 +101,25 @@ class SyntheticDataModule(TabularDataModule):
     ):
         super().__init__(tasks=tasks, **kwargs)
         t = len(self.tasks)
-        if not -1.0 <= float(correlation) <= 1.0:
-            raise ConfigError(f"data.correlation must lie in [-1, 1] (it is a cosine), got {correlation}.")
-        if t > 2 and float(correlation) < -1.0 / (t - 1):
+        correlation = checks.number("data.correlation", correlation, low=-1.0, high=1.0, hint="it is a cosine")
+        if t > 2 and correlation < -1.0 / (t - 1):
             raise ConfigError(
                 f"data.correlation={correlation} is impossible for {t} tasks: equal pairwise "
                 f"cosines need correlation >= -1/(T-1) = {-1.0 / (t - 1):.4f}."
             )
-        for key, value in {"num_samples": num_samples, "input_dim": input_dim}.items():
-            if int(value) <= 0:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value}.")
-        if int(input_dim) < t:
+        num_samples = checks.positive_int("data.num_samples", num_samples)
+        input_dim = checks.positive_int("data.input_dim", input_dim)
+        if input_dim < t:
             raise ConfigError(f"data.input_dim={input_dim} must be >= the number of tasks ({t}).")
-        if int(num_sines) < 0 or float(noise_std) < 0 or float(scale) <= 0:
+        checks.non_negative_int("data.num_sines", num_sines)
+        checks.non_negative_number("data.noise_std", noise_std)
+        checks.positive_number("data.scale", scale)
+        for key, value in {"val_fraction": val_fraction, "test_fraction": test_fraction}.items():
+            checks.fraction(f"data.{key}", value, open_low=True, open_high=True)
+        if val_fraction + test_fraction >= 1:
             raise ConfigError(
-                "data.num_sines and data.noise_std must be >= 0 and data.scale > 0, got "
-                f"num_sines={num_sines}, noise_std={noise_std}, scale={scale}."
-            )
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ConfigError(
-                "data.val_fraction and data.test_fraction must be in (0, 1) and sum to < 1, got "
-                f"{val_fraction} and {test_fraction}."
+                f"data.val_fraction + data.test_fraction must sum to < 1 (the rest trains), got {val_fraction} + "
+                f"{test_fraction}."
             )
         n_val, n_test = math.floor(num_samples * val_fraction), math.floor(num_samples * test_fraction)
         if min(n_val, n_test, int(num_samples) - n_val - n_test) < 1:
@@ -127,7 +127,7 @@ class SyntheticDataModule(TabularDataModule):
                 f"data.num_samples={num_samples} is too small to give non-empty train/val/test "
                 "splits with these fractions."
             )
-        bad = [n for n, task in self.tasks.items() if task.kind not in ("binary", "regression")]
+        bad = [n for n, task in self.tasks.items() if task.label_type not in (LabelType.BINARY, LabelType.REAL)]
         if bad:
             raise ConfigError(
                 f"The synthetic dataset makes binary or regression targets; task(s) {bad} have another kind."
@@ -144,7 +144,7 @@ class SyntheticDataModule(TabularDataModule):
         )
         self.n_val, self.n_test = n_val, n_test
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+    def load(self) -> Splits:
         x, y, self.weight_vectors = make_synthetic(**self.params)
         # the split permutation has its own stream so changing the split leaves the data unchanged
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.params["seed"] + 1))
@@ -159,7 +159,8 @@ class SyntheticDataModule(TabularDataModule):
             labels = {}
             for k, (name, task) in enumerate(self.tasks.items()):
                 target = y[idx, k]
-                labels[name] = (target > train_median[k]).float() if task.kind == "binary" else target
+                binary = task.label_type is LabelType.BINARY
+                labels[name] = (target > train_median[k]).float() if binary else target
             splits[split] = {"features": {"numeric": x[idx].contiguous()}, "labels": labels}
         spec = FeatureSpec(numeric=tuple(f"x{i}" for i in range(self.params["input_dim"])))
-        return splits["train"], splits["val"], splits["test"], spec
+        return Splits(splits["train"], splits["val"], splits["test"], spec)

@@ -37,15 +37,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl_experiments.data.base import FeatureSpec, ItemInfo, Split, TabularDataModule, require_file
+from mtl_experiments import checks
+from mtl_experiments.data.base import TabularDataModule, require_file
+from mtl_experiments.data.spec import FeatureSpec, ItemInfo, LabelType, Split, Splits
 from mtl_experiments.data.splits import COLD_KEY, SPLIT_MODES, check_split_options, split_rows
 from mtl_experiments.errors import ConfigError, DataError
+from mtl_experiments.tasks import Task
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ID_ROLES = ("user_id", "item_id")
-LABEL_KINDS = ("binary", "regression", "multiclass", "retrieval")
 
 
 def file_format(path: Path) -> str:
@@ -121,22 +123,24 @@ def _show(value) -> str:
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def labels_of(df: pd.DataFrame, column: str, task: str, kind: str, path: Path) -> np.ndarray:
-    """The label column as float32, checked against its kind (a DataError names file, column, row and fix)."""
+def labels_of(df: pd.DataFrame, column: str, task: Task, path: Path) -> np.ndarray:
+    """A BINARY or REAL label column as float32, checked against the task's ``label_type`` (a DataError names
+    file, column, row and fix)."""
+    name, kind = task.name, task.kind
     raw = df[column]
     missing = raw.isna().to_numpy()
     if missing.any():
         raise DataError(
-            f"{path}: label column {column!r} (task {task!r}) has {int(missing.sum())} missing value(s), the first "
+            f"{path}: label column {column!r} (task {name!r}) has {int(missing.sum())} missing value(s), the first "
             f"on data row {_first_row(df, missing)}; drop those rows or fill the labels."
         )
     values = pd.to_numeric(raw.astype("int8") if raw.dtype == bool else raw, errors="coerce").to_numpy(np.float64)
     not_numeric = np.isnan(values)
-    if kind == "binary":
+    if task.label_type is LabelType.BINARY:
         bad = not_numeric | ~np.isin(values, (0.0, 1.0))
         if bad.any():
             raise DataError(
-                f"{path}: task {task!r} is binary but its label column {column!r} has {int(bad.sum())} value(s) "
+                f"{path}: task {name!r} is {kind} but its label column {column!r} has {int(bad.sum())} value(s) "
                 f"other than 0/1, e.g. {_show(raw[bad].iloc[0])} on data row {_first_row(df, bad)}; map the column "
                 "to 0/1 (or true/false) or use kind: regression."
             )
@@ -144,7 +148,7 @@ def labels_of(df: pd.DataFrame, column: str, task: str, kind: str, path: Path) -
         bad = not_numeric | ~np.isfinite(values)
         if bad.any():
             raise DataError(
-                f"{path}: task {task!r} is regression but its label column {column!r} has {int(bad.sum())} "
+                f"{path}: task {name!r} is {kind} but its label column {column!r} has {int(bad.sum())} "
                 f"non-numeric or infinite value(s), e.g. {_show(raw[bad].iloc[0])} on data row {_first_row(df, bad)}; "
                 "the labels must be finite numbers."
             )
@@ -313,9 +317,24 @@ class TabularFileDataModule(TabularDataModule):
                 "'data.tasks={click: {kind: binary}, watch: {kind: regression, label: watch_seconds}}'."
             )
         super().__init__(tasks=tasks, **kwargs)
-        bad_kind = {n: t.kind for n, t in self.tasks.items() if t.kind not in LABEL_KINDS}
-        if bad_kind:
-            raise ConfigError(f"data=tabular supports task kinds {list(LABEL_KINDS)}; got {bad_kind}.")
+        self._set_columns(categorical, numeric, id_columns, timestamp_column)
+        carved = [k for k, p in (("val", val_path), ("test", test_path)) if not p]
+        self._check_split(split, carved, cold_fraction, {"val": val_fraction, "test": test_fraction})
+        self.split, self.cold_fraction = split, cold_fraction
+        self.paths = {
+            "train": Path(str(path)).expanduser(),
+            **{k: Path(str(p)).expanduser() for k, p in (("val", val_path), ("test", test_path)) if p},
+        }
+        self.fractions = {k: float({"val": val_fraction, "test": test_fraction}[k]) for k in carved}
+        self.split_seed = int(split_seed)
+        self.vocabularies: dict[str, list[str]] | None = None
+        self.numeric_stats: dict[str, list[float]] | None = None
+        self.label_classes: dict[str, list[str]] = {}  # multiclass tasks with named classes: class id -> name
+        self.id_vocab: dict[str, pd.Index] = {}  # role -> the raw ids of ids 1.. (after setup)
+
+    def _set_columns(self, categorical, numeric, id_columns, timestamp_column) -> None:
+        """The input columns (id columns first among the categorical ones), checked against each other and the
+        tasks' label columns."""
         ids = dict(id_columns or {})
         unknown = sorted(set(ids) - set(ID_ROLES))
         if unknown:
@@ -342,16 +361,17 @@ class TabularFileDataModule(TabularDataModule):
                 "see its own labels)."
             )
         if "item_id" not in self.id_columns:
-            retrieval = [n for n, t in self.tasks.items() if t.kind == "retrieval"]
+            retrieval = [n for n, t in self.tasks.items() if t.label_type is LabelType.ITEM]
             if retrieval:
                 raise ConfigError(
                     f"Retrieval task(s) {retrieval} name items, so data=tabular needs the item id column: set "
                     "data.id_columns.item_id=<column> (the label column holds values of that column)."
                 )
         self.timestamp_column = str(timestamp_column) if timestamp_column else None
-        carved = [k for k, p in (("val", val_path), ("test", test_path)) if not p]
-        if split not in SPLIT_MODES:
-            raise ConfigError(f"data.split must be one of {list(SPLIT_MODES)}, got {split!r}.")
+
+    def _check_split(self, split: str, carved: list[str], cold_fraction, fractions: Mapping[str, float]) -> None:
+        """The split mode against the split files given (``carved``: the splits without one) and the columns."""
+        checks.choice("data.split", split, SPLIT_MODES)
         if split != "random" and len(carved) < 2:
             raise ConfigError(
                 f"data.split={split} carves both val and test out of data.path, so data.val_path and data.test_path "
@@ -364,24 +384,13 @@ class TabularFileDataModule(TabularDataModule):
             )
         if split == "temporal" and not self.timestamp_column:
             raise ConfigError("data.split=temporal orders the rows by time: set data.timestamp_column=<column>.")
-        fractions = {"val": float(val_fraction), "test": float(test_fraction)}
         if len(carved) == 2:
-            check_split_options(split, cold_fraction, fractions["val"], fractions["test"])
-        elif carved and not 0 < fractions[carved[0]] < 1:
-            raise ConfigError(
-                f"data.{carved[0]}_fraction must be in (0, 1) (the share of data.path's rows held out), got "
-                f"{fractions[carved[0]]}."
-            )
-        self.split, self.cold_fraction = split, cold_fraction
-        self.paths = {
-            "train": Path(str(path)).expanduser(),
-            **{k: Path(str(p)).expanduser() for k, p in (("val", val_path), ("test", test_path)) if p},
-        }
-        self.fractions = {k: fractions[k] for k in carved}
-        self.split_seed = int(split_seed)
-        self.vocabularies: dict[str, list[str]] | None = None
-        self.numeric_stats: dict[str, list[float]] | None = None
-        self.label_classes: dict[str, list[str]] = {}  # multiclass tasks with named classes: class id -> name
+            check_split_options(split, cold_fraction, float(fractions["val"]), float(fractions["test"]))
+        elif carved:
+            checks.fraction(
+                f"data.{carved[0]}_fraction", fractions[carved[0]], open_low=True, open_high=True,
+                hint="the share of data.path's rows held out",
+            )  # fmt: skip
 
     @property
     def columns(self) -> list[str]:
@@ -392,7 +401,7 @@ class TabularFileDataModule(TabularDataModule):
     @property
     def text_columns(self) -> list[str]:
         """Columns read as text from CSV: the categorical inputs and the item values of retrieval labels."""
-        return [*self.categorical, *(t.label for t in self.tasks.values() if t.kind == "retrieval")]
+        return [*self.categorical, *(t.label for t in self.tasks.values() if t.label_type is LabelType.ITEM)]
 
     def _carve(self, frames: dict[str, pd.DataFrame], id_vocab: Mapping[str, pd.Index]) -> None:
         """Carve the splits without a file out of the training file's rows (in place)."""
@@ -422,27 +431,47 @@ class TabularFileDataModule(TabularDataModule):
         for split, rows in parts.items():
             frames[split] = main.iloc[rows]  # keeps the file's row numbers (for error messages)
 
-    def load(self) -> tuple[Split, Split, Split, FeatureSpec]:
+    def load(self) -> Splits:
+        frames, sources, items = self._read()
+        raw_numeric = self._fit_inputs(frames, sources)
+        labels = self._labels(frames, sources, items)
+        splits = {k: self._split(df, raw_numeric[k], labels[k], sources[k]) for k, df in frames.items()}
+        spec = FeatureSpec(
+            numeric=tuple(self.numeric),
+            categorical={c: len(self.vocabularies[c]) + 1 for c in self.categorical},
+            id_columns=dict(self.id_columns),
+        )
+        if items is not None:
+            self.item_info = ItemInfo(num_items=len(items))
+        return Splits(splits["train"], splits["val"], splits["test"], spec)
+
+    def _read(self) -> tuple[dict[str, pd.DataFrame], dict[str, Path], pd.Index | None]:
+        """Every split's rows (carved out of the training file where it has no file of its own), the file each
+        came from, and the item vocabulary (None without an item id column)."""
         frames = {k: read_table(p, self.columns, text_columns=self.text_columns) for k, p in self.paths.items()}
         sources = dict(self.paths)
         # id vocabularies span every file's rows (and retrieval labels' items), so an id unseen in training
         # keeps its own id; built before carving, so the same over any split
         id_values = {role: [text_of(df, c) for df in frames.values()] for role, c in self.id_columns.items()}
         for task in self.tasks.values():
-            if task.kind == "retrieval":
+            if task.label_type is LabelType.ITEM:
                 id_values["item_id"] += [text_of(df, task.label) for df in frames.values()]
-        id_vocab = {
+        self.id_vocab = {
             role: pd.Index(sorted({v for part in parts for v in part if v is not None}))
             for role, parts in id_values.items()
         }
         if self.fractions:
-            self._carve(frames, id_vocab)
+            self._carve(frames, self.id_vocab)
             sources.update(dict.fromkeys(self.fractions, self.paths["train"]))
+        return frames, sources, self.id_vocab.get("item_id")
 
+    def _fit_inputs(self, frames: Mapping[str, pd.DataFrame], sources: Mapping[str, Path]) -> dict[str, list]:
+        """Fit the vocabularies and numeric statistics on the training rows; returns every split's raw numeric
+        columns."""
         train = frames["train"]
         id_of = {c: role for role, c in self.id_columns.items()}
         self.vocabularies = {
-            c: list(id_vocab[id_of[c]]) if c in id_of else sorted({v for v in text_of(train, c) if v is not None})
+            c: list(self.id_vocab[id_of[c]]) if c in id_of else sorted({v for v in text_of(train, c) if v is not None})
             for c in self.categorical
         }
         raw_numeric = {k: [numeric_of(df, c, sources[k]) for c in self.numeric] for k, df in frames.items()}
@@ -452,60 +481,52 @@ class TabularFileDataModule(TabularDataModule):
             mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
             std = float(np.nanstd(x)) if np.isfinite(x).any() else 1.0
             self.numeric_stats[c] = [mean, std if std > 0 else 1.0]
+        return raw_numeric
 
+    def _labels(
+        self, frames: Mapping[str, pd.DataFrame], sources: Mapping[str, Path], items: pd.Index | None
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """``{split: {task: labels}}``, each read as its task's ``label_type`` says."""
         labels: dict[str, dict[str, np.ndarray]] = {k: {} for k in frames}
         self.label_classes = {}
         for name, task in self.tasks.items():
-            if task.kind == "multiclass":
+            if task.label_type is LabelType.CLASS:  # classes over every split at once: a class count to fit
                 per_split, classes = class_labels(frames, task.label, name, sources)
-                needed = len(classes) if classes is not None else 1 + max(int(v.max()) for v in per_split.values())
-                if task.num_classes is None:
-                    task.num_classes = needed
-                elif task.num_classes < needed:
-                    raise DataError(
-                        f"Task {name!r} has num_classes={task.num_classes}, but its label column {task.label!r} has "
-                        f"{needed} classes" + (f" {classes[:20]}" if classes else f" (0..{needed - 1})") + "; raise "
-                        f"data.tasks.{name}.num_classes or leave it null to count them."
-                    )
+                task.fit_classes(
+                    len(classes) if classes is not None else 1 + max(int(v.max()) for v in per_split.values()), classes
+                )
                 if classes is not None:
                     self.label_classes[name] = classes
             for k, df in frames.items():
-                if task.kind == "multiclass":
+                if task.label_type is LabelType.CLASS:
                     labels[k][name] = per_split[k]
-                elif task.kind == "retrieval":  # the item's id; an empty cell (no such item) is 0, no label
-                    labels[k][name] = (id_vocab["item_id"].get_indexer(text_of(df, task.label)) + 1).astype(np.int64)
+                elif task.label_type is LabelType.ITEM:  # the item's id; an empty cell (no such item) is 0, no label
+                    labels[k][name] = (items.get_indexer(text_of(df, task.label)) + 1).astype(np.int64)
                 else:
-                    labels[k][name] = labels_of(df, task.label, name, task.kind, sources[k])
+                    labels[k][name] = labels_of(df, task.label, task, sources[k])
+        return labels
 
-        splits = {}
-        for k, df in frames.items():
-            cat = [pd.Index(self.vocabularies[c]).get_indexer(text_of(df, c)) + 1 for c in self.categorical]  # -1 -> 0
-            num = [
-                (np.where(np.isnan(x), mean, x) - mean) / std
-                for x, (mean, std) in zip(raw_numeric[k], self.numeric_stats.values(), strict=True)
-            ]
-            categorical = torch.from_numpy(
-                np.stack(cat, axis=1).astype(np.int64) if cat else np.zeros((len(df), 0), np.int64)
-            )
-            split = {
-                "features": {
-                    "categorical": categorical,
-                    "numeric": torch.from_numpy(
-                        np.stack(num, axis=1).astype(np.float32) if num else np.zeros((len(df), 0), np.float32)
-                    ),
-                },
-                "labels": {name: torch.from_numpy(values) for name, values in labels[k].items()},
-            }
-            for j, role in enumerate(self.id_columns):  # id columns come first among the categorical inputs
-                split[role] = categorical[:, j].clone()
-            if self.timestamp_column:
-                split["timestamp"] = torch.from_numpy(timestamps_of(df, self.timestamp_column, sources[k]))
-            splits[k] = split
-        spec = FeatureSpec(
-            numeric=tuple(self.numeric),
-            categorical={c: len(self.vocabularies[c]) + 1 for c in self.categorical},
-            id_columns=dict(self.id_columns),
+    def _split(self, df: pd.DataFrame, raw_numeric: list, labels: Mapping[str, np.ndarray], source: Path) -> Split:
+        """One split's tensors: inputs encoded with the training fit, labels, ids and timestamps."""
+        cat = [pd.Index(self.vocabularies[c]).get_indexer(text_of(df, c)) + 1 for c in self.categorical]  # -1 -> 0
+        num = [
+            (np.where(np.isnan(x), mean, x) - mean) / std
+            for x, (mean, std) in zip(raw_numeric, self.numeric_stats.values(), strict=True)
+        ]
+        categorical = torch.from_numpy(
+            np.stack(cat, axis=1).astype(np.int64) if cat else np.zeros((len(df), 0), np.int64)
         )
-        if "item_id" in self.id_columns:
-            self.item_info = ItemInfo(num_items=len(id_vocab["item_id"]))
-        return splits["train"], splits["val"], splits["test"], spec
+        split = {
+            "features": {
+                "categorical": categorical,
+                "numeric": torch.from_numpy(
+                    np.stack(num, axis=1).astype(np.float32) if num else np.zeros((len(df), 0), np.float32)
+                ),
+            },
+            "labels": {name: self.tasks[name].encode_labels(values) for name, values in labels.items()},
+        }
+        for j, role in enumerate(self.id_columns):  # id columns come first among the categorical inputs
+            split[role] = categorical[:, j].clone()
+        if self.timestamp_column:
+            split["timestamp"] = torch.from_numpy(timestamps_of(df, self.timestamp_column, source))
+        return split

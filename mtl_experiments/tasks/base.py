@@ -1,26 +1,28 @@
-"""What every task kind provides: head, loss, prediction, metrics, label checks, and the hooks the datamodule
-and the module call (``setup``, ``valid``, ``group_by``, ``observed_if``)."""
+"""What every task kind provides: head, loss, prediction, metrics, label checks, and the hooks the datamodule,
+the module and serving call (``label_type``, ``encode_labels``, ``setup``, ``valid``, ``group_by``,
+``observed_if``, ``pointwise``, ``item_scores``, ``catalogue_scores``, ``fusions``), so no other module needs to
+know a kind by name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from mtl_experiments.data.spec import ItemInfo, LabelType, as_labels
 from mtl_experiments.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from mtl_experiments.data.base import ItemInfo
 
 
 class Task:
     """One prediction task. Subclasses set ``kind``, ``loss_type`` and ``output_dim``.
 
     ``loss_type`` ("classification" or "regression") is what likelihood-based weightings such as
-    uncertainty weighting need to know about a task; they never look at ``kind`` itself.
+    uncertainty weighting need to know about a task; they never look at ``kind`` itself. ``label_type``
+    (data/spec.py's ``LabelType``) is what datasets need to know: how to read and store the label column.
 
     ``observed_if``: the name of a *binary* task of the same config; rows where its label is 0 carry no label
     for this task (a like is only observed after a click). Only stored here; the module checks it names a
@@ -31,8 +33,15 @@ class Task:
 
     kind: ClassVar[str]
     loss_type: ClassVar[str]
+    label_type: ClassVar[LabelType]
     output_dim: int = 1
     group_by: str | None = None
+    # serving (recommend.py): a pointwise task scores one (user, item) row at a time (``item_scores``), otherwise
+    # it scores the whole catalogue from one query (``catalogue_scores``); ``fusions``: the fusions of task scores
+    # it may enter, ``fused_by_default``: those it enters with weight 1 when no weights are given
+    pointwise: ClassVar[bool] = True
+    fusions: ClassVar[frozenset[str]] = frozenset()
+    fused_by_default: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, label: str | None = None, observed_if: str | None = None):
         self.name = name
@@ -44,6 +53,14 @@ class Task:
         if observed_if == name:
             raise ConfigError(f"Task '{name}': observed_if names the task itself; name another (binary) task.")
         self.observed_if = observed_if
+
+    def encode_labels(self, values: np.ndarray | Tensor) -> Tensor:
+        """A dataset's label column as the tensor this task trains on (``label_type``'s dtype)."""
+        return as_labels(values, self.label_type)
+
+    def fit_classes(self, count: int, names: Sequence[str] | None = None) -> None:
+        """``label_type`` CLASS: a dataset that read the label column over every split found ``count`` classes
+        (``names``: their names, when the column holds text). Default: nothing to fit."""
 
     def setup(self, train_target: Tensor, items: ItemInfo | None) -> None:
         """Learn what the head and metrics need from the training labels (and the item catalogue) before the
@@ -67,6 +84,15 @@ class Task:
     def predict(self, output: Tensor) -> Tensor:
         """What a user consumes: probabilities for classification, values for regression."""
         raise NotImplementedError
+
+    def item_scores(self, output: Tensor) -> Tensor:
+        """Serving a pointwise task: one score per row (the row's item), ``Tensor[B]``. Default: ``predict``."""
+        return self.predict(output)
+
+    def catalogue_scores(self, output: Tensor) -> Tensor:
+        """Serving a task that is not ``pointwise``: a probability per catalogue item for each query row,
+        ``Tensor[B, I]`` (column j = item j + 1)."""
+        raise NotImplementedError(f"Task '{self.name}' ({self.kind}) scores one row per item: use item_scores().")
 
     def metrics(self) -> MetricCollection:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from mtl_experiments.data.spec import LabelType
 from mtl_experiments.errors import DataError
 from mtl_experiments.metrics.grouped import GroupedAUROC
 from mtl_experiments.metrics.task import BinaryLogLoss
@@ -23,6 +24,8 @@ class BinaryTask(Task):
     kind = "binary"
     loss_type = "classification"
     output_dim = 1
+    label_type = LabelType.BINARY
+    fusions = fused_by_default = frozenset({"product", "sum"})
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(output.squeeze(-1), target.to(output.dtype))

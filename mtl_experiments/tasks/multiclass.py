@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,8 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mtl_experiments import checks
+from mtl_experiments.data.spec import LabelType
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.metrics.task import MulticlassLogLoss
 from mtl_experiments.tasks.base import Task, check_integer_labels
@@ -29,6 +31,7 @@ class MulticlassTask(Task):
 
     kind = "multiclass"
     loss_type = "classification"
+    label_type = LabelType.CLASS  # serving shows the most likely class; it has no per-item score to fuse
 
     def __init__(
         self,
@@ -39,20 +42,10 @@ class MulticlassTask(Task):
         top_k: int | None = 5,
     ):
         super().__init__(name, label, observed_if)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
-            raise ConfigError(
-                f"Task '{name}': num_classes must be an integer >= 2 or null (inferred), got {num_classes!r}."
-            )
-        if num_classes is not None and num_classes < 2:
-            raise ConfigError(
-                f"Task '{name}': num_classes must be >= 2 (use kind: binary for two-way yes/no), got {num_classes}."
-            )
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError(
-                f"Task '{name}': top_k must be an integer >= 1 or null (no top-k accuracy), got {top_k!r}."
-            )
-        self.num_classes = num_classes
-        self.top_k = top_k
+        key = f"data.tasks.{name}"
+        hint = "null: inferred from the labels; use kind: binary for two-way yes/no"
+        self.num_classes = checks.optional(checks.integer, f"{key}.num_classes", num_classes, low=2, hint=hint)
+        self.top_k = checks.optional(checks.positive_int, f"{key}.top_k", top_k, hint="null: no top-k accuracy")
 
     @property
     def output_dim(self) -> int:  # type: ignore[override]
@@ -73,12 +66,27 @@ class MulticlassTask(Task):
                 raise DataError(f"Task '{self.name}': no training labels to infer num_classes from; set num_classes.")
             self.num_classes = max(int(train_target.max().item()) + 1, 2)
 
+    def fit_classes(self, count: int, names: Sequence[str] | None = None) -> None:
+        """Adopt the ``count`` classes a dataset found over every split, or check ``num_classes`` covers them."""
+        if self.num_classes is None:
+            self.num_classes = count
+        elif self.num_classes < count:
+            raise DataError(
+                f"Task {self.name!r} has num_classes={self.num_classes}, but its label column {self.label!r} has "
+                f"{count} classes" + (f" {list(names)[:20]}" if names else f" (0..{count - 1})") + "; raise "
+                f"data.tasks.{self.name}.num_classes or leave it null to count them."
+            )
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target.long())
 
     def predict(self, output: Tensor) -> Tensor:
         # float64 keeps small probabilities representable, so log loss stays exact
         return torch.softmax(output.double(), dim=-1)
+
+    def item_scores(self, output: Tensor) -> Tensor:
+        """The most likely class of each row (shown when serving, never fused)."""
+        return self.predict(output).argmax(-1)
 
     def metrics(self) -> MetricCollection:
         # before setup() the class count is a stand-in: the collection then only serves names and directions

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
+from mtl_experiments.data.spec import LabelType
 from mtl_experiments.tasks.base import Task
 
 
@@ -15,6 +16,8 @@ class RegressionTask(Task):
     kind = "regression"
     loss_type = "regression"
     output_dim = 1
+    label_type = LabelType.REAL
+    fusions = fused_by_default = frozenset({"sum"})  # values, not probabilities: summed, never multiplied
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(output.squeeze(-1), target.to(output.dtype))

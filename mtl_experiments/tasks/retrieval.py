@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from mtl_experiments import checks
+from mtl_experiments.data.spec import LabelType
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.metrics.ranking import MRR, NDCG, Coverage, Diversity, HitRate, Novelty, Recall, target_rank
 from mtl_experiments.tasks.base import Task, check_integer_labels
@@ -57,10 +59,12 @@ class RetrievalHead(nn.Module):
         return self.query(x)
 
 
-def _int(value, name: str, task: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"Task '{task}' (retrieval): {name} must be an integer >= {low}, got {value!r}.")
-    return value
+def _ks(value, key: str) -> list[int]:
+    """``k``: one cut-off or a list of them, each an integer >= 1."""
+    hint = "or a list of them, e.g. [5, 10]"
+    if isinstance(value, str) or not isinstance(value, int | Sequence) or (isinstance(value, Sequence) and not value):
+        checks.fail(key, "an integer >= 1 or a list of them", value)
+    return sorted({checks.positive_int(key, v, hint=hint) for v in ([value] if isinstance(value, int) else value)})
 
 
 class RetrievalTask(Task):
@@ -73,6 +77,11 @@ class RetrievalTask(Task):
 
     kind = "retrieval"
     loss_type = "classification"  # a softmax likelihood over items
+    label_type = LabelType.ITEM
+    # serving: one query scores the whole catalogue; its probability (about 1/I each) answers another question
+    # than a pointwise task's, so it enters a fusion only when the user weights it
+    pointwise = False
+    fusions = frozenset({"product", "sum"})
 
     def __init__(
         self,
@@ -89,23 +98,15 @@ class RetrievalTask(Task):
         exclude: str = "none",
     ):
         super().__init__(name, label, observed_if)
-        self.dim = _int(dim, "dim", name, 1)
-        self.num_negatives = _int(num_negatives, "num_negatives", name, 1)
-        for key, value, choices in (("negatives", negatives, NEGATIVES), ("sampling", sampling, SAMPLING)):
-            if value not in choices:
-                raise ConfigError(f"Task '{name}' (retrieval): {key} must be one of {list(choices)}, got {value!r}.")
-        if exclude not in EXCLUDE:
-            raise ConfigError(f"Task '{name}' (retrieval): exclude must be one of {list(EXCLUDE)}, got {exclude!r}.")
-        if not isinstance(logq_correction, bool):
-            raise ConfigError(f"Task '{name}' (retrieval): logq_correction must be true or false.")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
-            raise ConfigError(f"Task '{name}' (retrieval): temperature must be a number > 0, got {temperature!r}.")
-        ks = [k] if isinstance(k, int) else list(k) if isinstance(k, Sequence) and not isinstance(k, str) else None
-        if not ks:
-            raise ConfigError(f"Task '{name}' (retrieval): k must be an integer >= 1 or a list of them, got {k!r}.")
-        self.k = sorted({_int(v, "k", name, 1) for v in ks})
-        self.negatives, self.sampling, self.exclude = negatives, sampling, exclude
-        self.logq_correction, self.temperature = logq_correction, float(temperature)
+        key = f"data.tasks.{name}"
+        self.dim = checks.positive_int(f"{key}.dim", dim)
+        self.num_negatives = checks.positive_int(f"{key}.num_negatives", num_negatives)
+        self.negatives = checks.choice(f"{key}.negatives", negatives, NEGATIVES)
+        self.sampling = checks.choice(f"{key}.sampling", sampling, SAMPLING)
+        self.exclude = checks.choice(f"{key}.exclude", exclude, EXCLUDE)
+        self.logq_correction = checks.boolean(f"{key}.logq_correction", logq_correction)
+        self.temperature = checks.positive_number(f"{key}.temperature", temperature)
+        self.k = _ks(k, f"{key}.k")
         self.output_dim = self.dim
         self.num_items: int | None = None
         self.popularity: Tensor | None = None  # Long[I+1]: training interactions per item
@@ -215,6 +216,10 @@ class RetrievalTask(Task):
         """Scores of every catalogue item, [B, I]: column j is item j + 1."""
         return output @ self._items()[1:].T / self.temperature
 
+    def catalogue_scores(self, output: Tensor) -> Tensor:
+        """p_i = softmax_i(q·e_i / τ) over the catalogue, float64 [B, I] (column j = item j + 1)."""
+        return torch.softmax(self.predict(output).double(), dim=-1)
+
     def set_train_interactions(self, user_id: Tensor, item_id: Tensor) -> None:
         """The training (user, item) pairs that ``exclude: train`` removes from each user's ranking (ids 1-based)."""
         num_items = self._catalogue()
@@ -279,7 +284,7 @@ class RetrievalTask(Task):
     ) -> tuple[Tensor, Tensor]:
         """Top-k ``(scores, item ids)`` per query vector, best first. ``exclude_seen`` (default: ``exclude ==
         "train"``) drops each ``user_id``'s training items (``set_train_interactions``)."""
-        k = _int(k, "k", self.name, 1)
+        k = checks.positive_int("k", k)
         if k > self._catalogue():
             raise ConfigError(f"k={k} exceeds the catalogue's {self.num_items} items; choose k <= {self.num_items}.")
         if exclude_seen is None:
