@@ -1,4 +1,4 @@
-"""mtl-recommend (mtl_experiments/recommend.py): a tiny recsys_synthetic run, trained for real into a SQLite store,
+"""mtl-recommend (mtl_experiments/recommend/): a tiny recsys_synthetic run, trained for real into a SQLite store,
 served to known and new users through the Python API and, once, through the CLI in a subprocess."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from mtl_experiments import recommend as rec
-from mtl_experiments import tracking
+from mtl_experiments import safe_config, tracking
 from mtl_experiments.data.spec import gather
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.pipeline import train
+from mtl_experiments.pipeline import hydra_context, train
 from mtl_experiments.tasks import build_tasks
 from tests.conftest import RECSYS_TINY, ROOT, TINY, compose_cfg, free_port
 
@@ -44,24 +44,28 @@ def _train(root: Path, overrides: list[str]) -> str:
 def trained(tmp_path_factory):
     """click, like, watch_time, interest and a next_item retrieval task, 2 epochs; served from its run id."""
     root = tmp_path_factory.mktemp("recommend")
-    run_id = _train(
-        root,
-        [
-            "data=recsys_synthetic",
-            *RECSYS_TINY,
-            f"data.cache_dir={root / 'cache'}",
-            "+data.tasks.next_item={kind: retrieval}",
-            "trainer.max_epochs=2",
-            "trainer.enable_model_summary=false",
-            "~callbacks.progress_bar",
-        ],
-    )
+    overrides = [
+        "data=recsys_synthetic",
+        *RECSYS_TINY,
+        f"data.cache_dir={root / 'cache'}",
+        "+data.tasks.next_item={kind: retrieval}",
+        "trainer.max_epochs=2",
+        "trainer.enable_model_summary=false",
+        "~callbacks.progress_bar",
+    ]
+    run_id = _train(root, overrides)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     served = rec.load_run(run_id, uri)
     train_split = served.datamodule.splits["train"]
     users, counts = torch.unique(train_split["user_id"], return_counts=True)
     return SimpleNamespace(
-        root=root, uri=uri, run_id=run_id, served=served, user=int(users[counts.argmax()]), split=train_split
+        root=root,
+        uri=uri,
+        run_id=run_id,
+        served=served,
+        user=int(users[counts.argmax()]),
+        split=train_split,
+        overrides=overrides,
     )
 
 
@@ -198,7 +202,7 @@ def test_new_user_is_scored_from_its_features_with_the_new_user_representation(t
 def test_multiclass_tasks_show_their_class_and_never_fuse():
     tasks = build_tasks({"click": {"kind": "binary"}, "rating": {"kind": "multiclass", "num_classes": 5, "top_k": 2}})
     output = torch.tensor([[0.1, 2.0, -1.0, 0.0, 0.3], [3.0, 0.0, 0.0, 0.0, 4.0]])
-    assert rec.item_scores(tasks["rating"], output).tolist() == [1, 4]
+    assert tasks["rating"].item_scores(output).tolist() == [1, 4]
     assert rec.fusion_weights(tasks, "sum") == {"click": 1, "rating": 0}
     with pytest.raises(ConfigError, match="'rating' \\(multiclass\\) cannot enter sum fusion"):
         rec.fusion_weights(tasks, "sum", {"click": 1, "rating": 1})
@@ -210,15 +214,15 @@ def test_multiclass_tasks_show_their_class_and_never_fuse():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"k": 0}, "K must be between 1 and the catalogue size 100, got 0"),
-        ({"k": 101}, "K must be between 1 and the catalogue size 100, got 101"),
+        ({"k": 0}, r"k must be an integer in \[1, 100\], got 0 \(1 to the catalogue size, 100\)"),
+        ({"k": 101}, r"k must be an integer in \[1, 100\], got 101 \(1 to the catalogue size, 100\)"),
         ({"user_id": 10_000}, "User 10000 is unknown to this dataset .* --user-features age_bucket=...,region="),
         ({"user_id": 0}, "User 0 is unknown"),
         ({"weights": {"clicks": 1}}, r"unknown task\(s\) \['clicks'\]; this model's tasks are \['click'"),
         ({"weights": {"watch_time": 1}}, "'watch_time' \\(regression\\) cannot enter product fusion .* --fusion sum"),
         ({"weights": {"click": 0}}, "Nothing to rank by"),
-        ({"weights": {"click": float("nan")}}, "must be finite"),
-        ({"fusion": "max"}, r"Unknown fusion 'max'; choose one of \['product', 'sum'\]"),
+        ({"weights": {"click": float("nan")}}, "weights.click must be a finite number, got nan"),
+        ({"fusion": "max"}, r"fusion must be one of \['product', 'sum'\], got 'max'"),
         ({"user_id": 10_000, "user_features": {"region": "1"}}, r"needs every user feature; missing \['age_bucket'"),
         ({"user_id": 10_000, "user_features": {"height": "1"}}, r"Unknown user feature\(s\) \['height'\]"),
     ],
@@ -288,7 +292,7 @@ def _cli_error(capsys, argv) -> str:
     ("extra", "message"),
     [
         (["--users", "10000"], "User 10000 is unknown to this dataset"),
-        (["--users", "1", "--k", "0"], "--k must be between 1 and the catalogue size 100, got 0"),
+        (["--users", "1", "--k", "0"], r"--k must be an integer in \[1, 100\], got 0"),
         (["--users", "1", "--weights", "click=2,nope=1"], r"unknown task\(s\) \['nope'\]"),
         (["--users", "1", "--weights", "click=high"], "--weights click='high' is not a number"),
         (["--users", "1,x"], "--users takes user ids separated by commas"),
@@ -343,9 +347,38 @@ def test_run_without_checkpoint_and_the_artifact_fallbacks(trained, tmp_path, ca
 def test_checkpoint_without_a_config_cannot_be_rebuilt(trained, tmp_path, capsys):
     ckpt = torch.load(trained.served.checkpoint, map_location="cpu", weights_only=True)
     ckpt["mtl"]["config"] = None  # as a checkpoint written before runs stored their config in it
+    ckpt["mtl"].pop("recipe", None)
     torch.save(ckpt, tmp_path / "old.ckpt")
     err = _cli_error(capsys, ["--checkpoint", str(tmp_path / "old.ckpt"), "--users", "1"])
     assert "carries no run config" in err
+
+
+def test_a_recipe_only_checkpoint_serves_identically(trained, tmp_path, capsys):
+    """A checkpoint whose full config is stripped, carrying only the target-free recipe of its run (the group
+    choices and overrides Hydra recorded), is rebuilt through Hydra's compose and serves the same lists."""
+    cfg = compose_cfg([f"logger.mlflow.tracking_uri={trained.uri}", *trained.overrides], tmp_path)
+    try:
+        recipe = safe_config.recipe(*hydra_context(cfg))
+    finally:
+        GlobalHydra.instance().clear()
+    assert not [o for o in recipe["overrides"] if "_target_" in o or o.lstrip("~+").startswith(("logger", "trainer"))]
+    assert "data=recsys_synthetic" in recipe["overrides"] and "backbone=shared_bottom" in recipe["overrides"]
+    ckpt = torch.load(trained.served.checkpoint, map_location="cpu", weights_only=True)
+    ckpt["mtl"]["config"], ckpt["mtl"]["recipe"] = None, recipe
+    torch.save(ckpt, tmp_path / "recipe.ckpt")
+    served = rec.load_checkpoint(tmp_path / "recipe.ckpt")
+    assert served.notes == []
+    again = SimpleNamespace(served=served)
+    new_user = trained.served.catalog.num_users + 3
+    features = user_features(trained.served.catalog, trained.user)
+    assert run_rec(again, trained.user) == run_rec(trained, trained.user)
+    assert run_rec(again, trained.user, exclude_seen=True) == run_rec(trained, trained.user, exclude_seen=True)
+    assert run_rec(again, new_user, user_features=features) == run_rec(trained, new_user, user_features=features)
+    args = ["--users", str(trained.user), "--k", "5", "--format", "json"]
+    assert rec.main(["--checkpoint", str(tmp_path / "recipe.ckpt"), *args]) == 0
+    from_recipe = json.loads(capsys.readouterr().out)
+    assert rec.main(["--checkpoint", trained.served.checkpoint, *args]) == 0
+    assert from_recipe["users"] == json.loads(capsys.readouterr().out)["users"]
 
 
 def test_dataset_without_a_catalogue(tmp_path, capsys):
