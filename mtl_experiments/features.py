@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mtl_experiments import checks
 from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.optimizer.sparse_adam import mark_sparse
@@ -207,21 +208,7 @@ class FeatureEncoder(nn.Module):
     ):
         super().__init__()
         self.spec = spec
-        overrides = dict(embedding_dims or {})
-        unknown = sorted(set(overrides) - set(spec.categorical))
-        if unknown:
-            raise ConfigError(
-                f"features.embedding_dims names {unknown}, which are not categorical columns of this dataset; "
-                f"its categorical columns are {sorted(spec.categorical)}."
-            )
-        dims = {c: int(overrides.get(c, spec.embedding_dims.get(c, embedding_dim))) for c in spec.categorical}
-        bad = {c: d for c, d in dims.items() if d <= 0}
-        if int(embedding_dim) <= 0 or bad:
-            raise ConfigError(
-                f"Embedding dimensions must be positive integers, got features.embedding_dim={embedding_dim}"
-                + (f" and {bad}" if bad else "")
-                + "."
-            )
+        dims = self._dims(spec, embedding_dim, embedding_dims)
         columns = list(spec.categorical)
         self.num_categorical = len(columns)
         self.embedding_dims = dims
@@ -255,11 +242,34 @@ class FeatureEncoder(nn.Module):
                 trainable=bool(item_vectors_trainable),
             )
             self.id_index[key] = columns.index(column)
+        self._build_rest(columns, dims)
+        self.output_dim = sum(dims.values()) + spec.num_numeric
 
-        # every other column: one shared table when their dimensions agree (a single gather), else one each
+    @staticmethod
+    def _dims(spec: FeatureSpec, embedding_dim, embedding_dims: Mapping[str, int] | None) -> dict[str, int]:
+        """The embedding dimension of every categorical column: the config's ``embedding_dims``, else the
+        dataset's suggestion, else ``embedding_dim``."""
+        overrides = dict(embedding_dims or {})
+        unknown = sorted(set(overrides) - set(spec.categorical))
+        if unknown:
+            raise ConfigError(
+                f"features.embedding_dims names {unknown}, which are not categorical columns of this dataset; "
+                f"its categorical columns are {sorted(spec.categorical)}."
+            )
+        embedding_dim = checks.positive_int("features.embedding_dim", embedding_dim)
+        return {
+            c: checks.positive_int(
+                f"features.embedding_dims.{c}", overrides.get(c, spec.embedding_dims.get(c, embedding_dim))
+            )
+            for c in spec.categorical
+        }
+
+    def _build_rest(self, columns: list[str], dims: Mapping[str, int]) -> None:
+        """Every column without an id table: one shared table when their dimensions agree (a single gather),
+        else one each."""
         own = {self.id_index[k] for k in self.id_index}
         rest = [i for i in range(len(columns)) if i not in own]
-        cards = [spec.categorical[columns[i]] for i in rest]
+        cards = [self.spec.categorical[columns[i]] for i in rest]
         self.shared_table = len({dims[columns[i]] for i in rest}) <= 1
         self._rest = rest
         if cards and self.shared_table:
@@ -267,8 +277,9 @@ class FeatureEncoder(nn.Module):
             self.register_buffer("offsets", torch.tensor([0, *cards[:-1]]).cumsum(0), persistent=False)
             self.register_buffer("rest_index", torch.tensor(rest, dtype=torch.long), persistent=False)
         elif cards:
-            self.embeddings = nn.ModuleList(nn.Embedding(spec.categorical[columns[i]], dims[columns[i]]) for i in rest)
-        self.output_dim = sum(dims.values()) + spec.num_numeric
+            self.embeddings = nn.ModuleList(
+                nn.Embedding(self.spec.categorical[columns[i]], dims[columns[i]]) for i in rest
+            )
 
     @staticmethod
     def _check_options(id_columns, strategies, id_dropout, sparse, columns) -> list[str]:
@@ -280,20 +291,15 @@ class FeatureEncoder(nn.Module):
                 f"(the dataset's are {columns})."
             )
         for key, strategy in strategies.items():
-            if strategy not in STRATEGIES[key]:
-                extra = " (pretrained vectors exist for items only)" if strategy == "pretrained" else ""
-                raise ConfigError(
-                    f"features.{OPTION[key]}={strategy!r} is not a strategy{extra}; choose one of "
-                    f"{list(STRATEGIES[key])}."
-                )
+            extra = "pretrained vectors exist for items only" if strategy == "pretrained" else None
+            checks.choice(f"features.{OPTION[key]}", strategy, STRATEGIES[key], hint=extra)
             if strategy != "random" and key not in id_columns:
                 raise ConfigError(
                     f"features.{OPTION[key]}={strategy} needs {'a user' if key == 'user_id' else 'an item'} id column, "
                     f"and this dataset has none (its id columns: {id_columns or 'none'}); leave "
                     f"features.{OPTION[key]}=random."
                 )
-        if not 0.0 <= float(id_dropout) < 1.0:
-            raise ConfigError(f"features.id_dropout must lie in [0, 1), got {id_dropout}.")
+        checks.fraction("features.id_dropout", id_dropout, open_high=True)
         for key, strategy in strategies.items():
             if strategy == "features" and float(id_dropout) == 0.0:
                 raise ConfigError(

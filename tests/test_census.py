@@ -251,7 +251,7 @@ def test_feature_encoder_per_column_dims():
     assert torch.equal(out[0, 4:6], enc.embeddings[1].weight[4]) and out[0, -2:].tolist() == [7.0, 8.0]
     with pytest.raises(ConfigError, match="not categorical"):
         FeatureEncoder(spec, embedding_dims={"x": 3})
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="features.embedding_dims.a must be an integer >= 1, got 0"):
         FeatureEncoder(spec, embedding_dims={"a": 0})
     with pytest.raises(DataError):
         FeatureSpec(categorical={"a": 3}, embedding_dims={"z": 2})

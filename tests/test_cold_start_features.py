@@ -283,11 +283,11 @@ def _write_bad_files(tmp_path: Path) -> dict[str, Path]:
     ("kwargs", "spec_ids", "message"),
     [
         ({"new_users": "pretrained"}, None, "pretrained vectors exist for items only"),
-        ({"new_items": "popular"}, None, r"choose one of \['random', 'mean', 'features', 'pretrained'\]"),
+        ({"new_items": "popular"}, None, r"must be one of \['random', 'mean', 'features', 'pretrained'\]"),
         ({"new_users": "mean"}, {"item_id": "item"}, "needs a user id column"),
         ({"new_items": "features"}, {}, "needs an item id column"),
         ({"new_items": "features", "id_dropout": 0.0}, None, "id_dropout > 0"),
-        ({"id_dropout": 1.0}, None, r"id_dropout must lie in \[0, 1\)"),
+        ({"id_dropout": 1.0}, None, r"id_dropout must be a number in \[0, 1\), got 1.0"),
         ({"sparse": True}, {}, "no id columns"),
         ({"new_items": "pretrained"}, None, "needs item vectors: set features.item_vectors"),
         ({"new_items": "pretrained", "item_vectors": "nowhere.npy"}, None, "Item vectors file not found"),

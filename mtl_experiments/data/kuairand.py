@@ -186,6 +186,53 @@ def unique_ids(ids: np.ndarray, path: Path, column: str) -> None:
         raise DataError(f"{path}, line {line_of(i)}: {column} {int(ids[i])} appears a second time; ids must be unique.")
 
 
+def read_logs(paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    """The log files' rows concatenated, in time order (time_ms; ties: file order, files in the order given)."""
+    logs = [read_log(p) for p in paths]
+    rows = {c: np.concatenate([part[c] for part in logs]) for c in logs[0]}
+    del logs
+    order = np.argsort(rows["time_ms"], kind="stable")
+    return {c: v[order] for c, v in rows.items()}
+
+
+def item_tables(
+    videos: Mapping[str, np.ndarray] | None,
+    video_raw: np.ndarray,
+    duration_ms: np.ndarray,
+    item: np.ndarray,
+    train: np.ndarray,
+) -> dict:
+    """The item side: ``categorical`` table (video feature ids, vocabularies of the training rows' videos, in
+    ``vocabularies``; ``columns`` names them), ``category`` (the first tag, for diversity metrics; None without
+    video features) and ``numeric``: log(1 + seconds) standardised (``log_duration_stats``: mean, std), the
+    duration from the video features, else the logs' mean duration_ms."""
+    num_items = len(video_raw)
+    video_text, category = {}, None
+    seconds = np.full(num_items + 1, np.nan)
+    if videos is not None:
+        known = np.isin(videos["video_id"], video_raw)
+        video_rows = np.searchsorted(video_raw, videos["video_id"][known]) + 1
+        for c in VIDEO_CATEGORICAL:
+            video_text[c] = np.full(num_items, None, dtype=object)  # row k - 1 = video id k
+            video_text[c][video_rows - 1] = videos[c][known]
+        # the catalogue's categories (all videos, not only trained ones): diversity metrics
+        tag = np.concatenate([[None], video_text["tag"]])
+        category = torch.from_numpy(encode(tag, fit_vocabulary(video_text["tag"])))
+        seconds[video_rows] = videos["video_duration"][known] / 1000
+    item_cat, vocab = code_table(num_items, video_text, np.unique(item[train]))
+    ok = np.isfinite(duration_ms) & (duration_ms > 0)
+    count = np.bincount(item[ok], minlength=num_items + 1)
+    mean_ms = np.bincount(item[ok], weights=duration_ms[ok], minlength=num_items + 1) / np.maximum(count, 1)
+    fill = ~(np.isfinite(seconds) & (seconds > 0)) & (count > 0)
+    seconds[fill] = mean_ms[fill] / 1000
+    log_duration = np.log1p(np.where(seconds > 0, seconds, np.nan))
+    item_num, mean, std = standardise(log_duration, log_duration[item[train]])
+    item_num = item_num.astype(np.float32)
+    item_num[0] = 0.0
+    return {"categorical": item_cat, "vocabularies": vocab, "columns": tuple(video_text), "category": category,
+            "numeric": item_num, "log_duration_stats": [mean, std]}  # fmt: skip
+
+
 class KuaiRandDataModule(InteractionDataModule):
     """KuaiRand-Pure / -1K / -27K; see the module docstring for files, signals, inputs, splits and the cache. The
     split and cache options (``split``, ``val_fraction``, ``test_fraction``, ``cold_fraction``, ``split_seed``,
@@ -260,20 +307,13 @@ class KuaiRandDataModule(InteractionDataModule):
 
     # ---- raw files -> tables --------------------------------------------------------------------------------
     def preprocess(self, files: Mapping[str, list[Path]]) -> dict:
-        logs = [read_log(p) for p in files["logs"]]
-        rows = {c: np.concatenate([part[c] for part in logs]) for c in logs[0]}
-        del logs
-        order = np.argsort(rows["time_ms"], kind="stable")  # time order; ties: file order
-        rows = {c: v[order] for c, v in rows.items()}
+        rows = read_logs(files["logs"])
         raw_user, raw_video = rows["user_id"].astype(np.int64), rows["video_id"].astype(np.int64)
-
         users_path = files["users"][0]
         users = read_csv(users_path, ("user_id", *USER_CATEGORICAL), dtype=str, keep_default_na=False)
         user_ids = numbers(users, "user_id", users_path, required=True).astype(np.int64)
         unique_ids(user_ids, users_path, "user_id")
         user_raw = np.union1d(user_ids, raw_user)  # id k = the k-th smallest raw user id
-        user_rows = np.searchsorted(user_raw, user_ids) + 1  # users.csv row -> its id
-
         videos = self.read_videos(files["videos"][0], np.unique(raw_video)) if "videos" in files else None
         if videos is not None and self.item_catalog == "features":
             video_raw = np.union1d(videos["video_id"], raw_video)
@@ -290,56 +330,18 @@ class KuaiRandDataModule(InteractionDataModule):
         signals["next_item"] = next_positive_item(user, item, positive)
         parts = self.split_parts(user, item, timestamp)
         train = parts["train"]
-        train_users, train_items = np.unique(user[train]), np.unique(item[train])
 
         # user table: the user features file's columns, vocabularies of the training rows' users
         user_text = {c: np.full(num_users, None, dtype=object) for c in USER_CATEGORICAL}  # row k - 1 = user id k
+        user_rows = np.searchsorted(user_raw, user_ids) + 1  # users.csv row -> its id
         for c in USER_CATEGORICAL:
             user_text[c][user_rows - 1] = texts(users, c)
-        user_cat, vocab = code_table(num_users, user_text, train_users)
-
-        # item table: video features (if any) and the duration
-        video_text = {}
-        seconds = np.full(num_items + 1, np.nan)
-        category = None
-        if videos is not None:
-            known = np.isin(videos["video_id"], video_raw)
-            video_rows = np.searchsorted(video_raw, videos["video_id"][known]) + 1
-            for c in VIDEO_CATEGORICAL:
-                video_text[c] = np.full(num_items, None, dtype=object)  # row k - 1 = video id k
-                video_text[c][video_rows - 1] = videos[c][known]
-            # the catalogue's categories (all videos, not only trained ones): diversity metrics
-            tag = np.concatenate([[None], video_text["tag"]])
-            category = torch.from_numpy(encode(tag, fit_vocabulary(video_text["tag"])))
-            seconds[video_rows] = videos["video_duration"][known] / 1000
-        item_cat, video_vocab = code_table(num_items, video_text, train_items)
-        vocab |= video_vocab
-        video_columns = tuple(video_text)
-        log_ms = rows["duration_ms"]
-        ok = np.isfinite(log_ms) & (log_ms > 0)
-        count = np.bincount(item[ok], minlength=num_items + 1)
-        mean_ms = np.bincount(item[ok], weights=log_ms[ok], minlength=num_items + 1) / np.maximum(count, 1)
-        fill = ~(np.isfinite(seconds) & (seconds > 0)) & (count > 0)
-        seconds[fill] = mean_ms[fill] / 1000
-        log_duration = np.log1p(np.where(seconds > 0, seconds, np.nan))
-        item_num, mean, std = standardise(log_duration, log_duration[item[train]])
-        item_num = item_num.astype(np.float32)
-        item_num[0] = 0.0
-
-        # context: per row
-        context = np.zeros((len(user), 0), np.int64)
-        if self.context_features:
-            hour = np.floor(rows["hourmin"] / 100)
-            context_text = {
-                "tab": np.array([None if np.isnan(v) else str(int(v)) for v in rows["tab"]], dtype=object),
-                "hour": np.array([None if np.isnan(v) else str(int(v)) for v in hour], dtype=object),
-            }
-            for c in CONTEXT_CATEGORICAL:
-                vocab[c] = fit_vocabulary(context_text[c][train])
-            context = np.stack([encode(context_text[c], vocab[c]) for c in CONTEXT_CATEGORICAL], axis=1)
-
+        user_cat, vocab = code_table(num_users, user_text, np.unique(user[train]))
+        items = item_tables(videos, video_raw, rows["duration_ms"], item, train)
+        vocab |= items["vocabularies"]
+        context = self.context(rows, train, vocab)
         categorical = {"user_id": num_users + 1, **{c: len(vocab[c]) + 1 for c in USER_CATEGORICAL},
-                       "video_id": num_items + 1, **{c: len(vocab[c]) + 1 for c in video_columns}}  # fmt: skip
+                       "video_id": num_items + 1, **{c: len(vocab[c]) + 1 for c in items["columns"]}}  # fmt: skip
         if self.context_features:
             categorical |= {c: len(vocab[c]) + 1 for c in CONTEXT_CATEGORICAL}
         spec = FeatureSpec(
@@ -349,14 +351,28 @@ class KuaiRandDataModule(InteractionDataModule):
             rows={"user_id": user, "item_id": item, "timestamp": timestamp, "context": context, "signals": signals},
             parts=parts,
             users=user_cat,
-            items=item_cat,
-            item_numeric=item_num[:, None],
-            category=category,
+            items=items["categorical"],
+            item_numeric=items["numeric"][:, None],
+            category=items["category"],
             spec=spec,
             vocabularies=vocab,
-            numeric_stats={"log_duration": [mean, std]},
+            numeric_stats={"log_duration": items["log_duration_stats"]},
             raw_ids={"user_id": user_raw, "video_id": video_raw},  # id k is raw id [k - 1] of the files
         )
+
+    def context(self, rows: Mapping[str, np.ndarray], train: np.ndarray, vocab: dict[str, list[str]]) -> np.ndarray:
+        """``[N, K]`` ids of the per-row context columns (``context_features``: tab, hour; K = 0 without), their
+        vocabularies (of the training rows) added to ``vocab``."""
+        if not self.context_features:
+            return np.zeros((len(rows["time_ms"]), 0), np.int64)
+        hour = np.floor(rows["hourmin"] / 100)
+        context_text = {
+            "tab": np.array([None if np.isnan(v) else str(int(v)) for v in rows["tab"]], dtype=object),
+            "hour": np.array([None if np.isnan(v) else str(int(v)) for v in hour], dtype=object),
+        }
+        for c in CONTEXT_CATEGORICAL:
+            vocab[c] = fit_vocabulary(context_text[c][train])
+        return np.stack([encode(context_text[c], vocab[c]) for c in CONTEXT_CATEGORICAL], axis=1)
 
     def read_videos(self, path: Path, logged: np.ndarray) -> dict[str, np.ndarray]:
         """The video features of the ``logged`` videos (``item_catalog: logs``) or of all (``features``), read in

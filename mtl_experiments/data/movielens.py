@@ -162,6 +162,103 @@ def lookup(raw: np.ndarray, catalogue: np.ndarray, path: Path, field: str, lines
     return pos.astype(np.int64) + 1
 
 
+def read_catalogues(
+    paths: Mapping[str, Path], encoding: str
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """users.dat and movies.dat with row k - 1 = id k, and the sorted raw ids (id k = the k-th smallest)."""
+    out = []
+    for key, field in (("users", "UserID"), ("movies", "MovieID")):
+        df = read_dat(paths[key], FIELDS[key], encoding)
+        raw, order = catalogue_ids(integers(df, field, paths[key]), paths[key], field, df.index)
+        out.append((df.iloc[order], raw))
+    (users, user_raw), (movies, movie_raw) = out
+    return users, movies, user_raw, movie_raw
+
+
+def read_ratings(
+    paths: Mapping[str, Path], encoding: str, user_raw: np.ndarray, movie_raw: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rating rows as ``(user id, movie id, stars, timestamp)``, in time order (ties: file order)."""
+    p = paths["ratings"]
+    ratings = read_dat(p, FIELDS["ratings"], encoding)
+    user = lookup(integers(ratings, "UserID", p), user_raw, p, "UserID", ratings.index, paths["users"])
+    item = lookup(integers(ratings, "MovieID", p), movie_raw, p, "MovieID", ratings.index, paths["movies"])
+    stars = pd.to_numeric(ratings["Rating"].str.strip(), errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(stars).all():
+        i = int(np.flatnonzero(~np.isfinite(stars))[0])
+        raise DataError(f"{p}, line {ratings.index[i]}: Rating must be a number, got {ratings['Rating'].iloc[i]!r}.")
+    timestamp = integers(ratings, "Timestamp", p)
+    order = np.argsort(timestamp, kind="stable")
+    return user[order], item[order], stars[order], timestamp[order]
+
+
+def movie_genres(movies: pd.DataFrame, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per movie id (row 0 the unknown id): the multi-hot genres, the primary genre (the first listed, 1..18; 0 =
+    none) and the release year (NaN when the title has none)."""
+    genre_index = {g: k for k, g in enumerate(GENRES)}
+    multi_hot = np.zeros((len(movies) + 1, len(GENRES)), np.float32)
+    primary = np.zeros(len(movies) + 1, np.int64)
+    for row, (line, text) in enumerate(zip(movies.index, movies["Genres"], strict=True), start=1):
+        names = [] if text.strip() in NO_GENRE else text.strip().split("|")
+        for k, name in enumerate(names):
+            if name not in genre_index:
+                raise DataError(
+                    f"{path}, line {line}: unknown genre {name!r}; the MovieLens-1M genres are {list(GENRES)}."
+                )
+            multi_hot[row, genre_index[name]] = 1.0
+            if k == 0:
+                primary[row] = genre_index[name] + 1
+    year = np.full(len(movies) + 1, np.nan)
+    year[1:] = movies["Title"].str.extract(_YEAR, expand=False).astype(float).to_numpy()
+    return multi_hot, primary, year
+
+
+def genre_interest(
+    user: np.ndarray, item: np.ndarray, train: np.ndarray, multi_hot: np.ndarray, num_users: int, top_k: int
+) -> np.ndarray:
+    """Per row: 1 if the movie has one of the user's ``top_k`` genres, ranked by how often they occur among the
+    movies the user rated in training (a user without training rows: on their own rows, never trained on)."""
+
+    def genre_counts(rows: np.ndarray) -> np.ndarray:
+        return np.stack(
+            [np.bincount(user[rows], weights=multi_hot[item[rows], g], minlength=num_users + 1)
+             for g in range(len(GENRES))], axis=1)  # fmt: skip
+
+    counts = genre_counts(train)
+    no_train = np.bincount(user[train], minlength=num_users + 1) == 0
+    if no_train[user].any():  # users held out entirely: ranked on their own rows (none of them is trained on)
+        counts += genre_counts(np.flatnonzero(no_train[user]))
+    top = np.argsort(-counts, axis=1, kind="stable")[:, :top_k]
+    interest = np.zeros_like(counts, dtype=bool)
+    np.put_along_axis(interest, top, True, axis=1)
+    interest &= counts > 0
+    return (interest[user] & (multi_hot[item] > 0)).any(axis=1).astype(np.float32)
+
+
+def input_tables(
+    users: pd.DataFrame, primary: np.ndarray, year: np.ndarray, train_user: np.ndarray, train_item: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]]]:
+    """The user and movie categorical tables (ids of values, vocabularies of the training rows' users and movies)
+    and those vocabularies."""
+    user_text = {
+        "gender": users["Gender"].str.strip().to_numpy(object),
+        "age": users["Age"].str.strip().to_numpy(object),
+        "occupation": users["Occupation"].str.strip().to_numpy(object),
+        "zip_prefix": users["Zip-code"].str.strip().str[:1].to_numpy(object),
+    }
+    decade = np.where(np.isnan(year[1:]), -1, np.floor(np.nan_to_num(year[1:]) / 10) * 10).astype(np.int64)
+    item_text = {
+        "primary_genre": np.array([GENRES[g - 1] if g else None for g in primary[1:]], dtype=object),
+        "year_bucket": np.array([f"{d}s" if d >= 0 else None for d in decade], dtype=object),
+    }
+    for values in (*user_text.values(), *item_text.values()):
+        values[values == ""] = None
+    user_cat, vocab = code_table(len(users), {c: user_text[c] for c in USER_CATEGORICAL}, np.unique(train_user))
+    item_cat, item_vocab = code_table(len(primary) - 1, {c: item_text[c] for c in ITEM_CATEGORICAL},
+                                      np.unique(train_item))  # fmt: skip
+    return user_cat, item_cat, vocab | item_vocab
+
+
 class MovieLensDataModule(InteractionDataModule):
     """MovieLens-1M; see the module docstring for files, signals, inputs, splits and the cache. The split and
     cache options (``split``, ``val_fraction``, ``test_fraction``, ``cold_fraction``, ``split_seed``, ``cache``)
@@ -210,51 +307,10 @@ class MovieLensDataModule(InteractionDataModule):
 
     # ---- raw files -> tables --------------------------------------------------------------------------------
     def preprocess(self, paths: Mapping[str, Path]) -> dict:
-        users = read_dat(paths["users"], FIELDS["users"], self.encoding)
-        movies = read_dat(paths["movies"], FIELDS["movies"], self.encoding)
-        ratings = read_dat(paths["ratings"], FIELDS["ratings"], self.encoding)
-        user_raw, order = catalogue_ids(
-            integers(users, "UserID", paths["users"]), paths["users"], "UserID", users.index
-        )
-        users = users.iloc[order]  # row u - 1 = user id u
-        movie_raw, order = catalogue_ids(
-            integers(movies, "MovieID", paths["movies"]), paths["movies"], "MovieID", movies.index
-        )
-        movies = movies.iloc[order]
+        users, movies, user_raw, movie_raw = read_catalogues(paths, self.encoding)
         num_users, num_items = len(user_raw), len(movie_raw)
-
-        # rating rows, in time order (ties: file order)
-        p = paths["ratings"]
-        user = lookup(integers(ratings, "UserID", p), user_raw, p, "UserID", ratings.index, paths["users"])
-        item = lookup(integers(ratings, "MovieID", p), movie_raw, p, "MovieID", ratings.index, paths["movies"])
-        stars = pd.to_numeric(ratings["Rating"].str.strip(), errors="coerce").to_numpy(np.float64)
-        if not np.isfinite(stars).all():
-            i = int(np.flatnonzero(~np.isfinite(stars))[0])
-            raise DataError(
-                f"{p}, line {ratings.index[i]}: Rating must be a number, got {ratings['Rating'].iloc[i]!r}."
-            )
-        timestamp = integers(ratings, "Timestamp", p)
-        order = np.argsort(timestamp, kind="stable")
-        user, item, stars, timestamp = user[order], item[order], stars[order], timestamp[order]
-
-        # movies: genres (multi-hot, primary = first listed) and release year
-        genre_index = {g: k for k, g in enumerate(GENRES)}
-        multi_hot = np.zeros((num_items + 1, len(GENRES)), np.float32)  # row = item id
-        primary = np.zeros(num_items + 1, np.int64)  # 1..18, 0 = none
-        for row, (line, text) in enumerate(zip(movies.index, movies["Genres"], strict=True), start=1):
-            names = [] if text.strip() in NO_GENRE else text.strip().split("|")
-            for k, name in enumerate(names):
-                if name not in genre_index:
-                    raise DataError(
-                        f"{paths['movies']}, line {line}: unknown genre {name!r}; the MovieLens-1M genres are "
-                        f"{list(GENRES)}."
-                    )
-                multi_hot[row, genre_index[name]] = 1.0
-                if k == 0:
-                    primary[row] = genre_index[name] + 1
-        year = np.full(num_items + 1, np.nan)
-        year[1:] = movies["Title"].str.extract(_YEAR, expand=False).astype(float).to_numpy()
-
+        user, item, stars, timestamp = read_ratings(paths, self.encoding, user_raw, movie_raw)
+        multi_hot, primary, year = movie_genres(movies, paths["movies"])
         # signals that do not depend on the split
         next_item = next_positive_item(user, item, np.ones(len(user), bool))
         signals = {
@@ -265,41 +321,10 @@ class MovieLensDataModule(InteractionDataModule):
         }
         parts = self.split_parts(user, item, timestamp)
         train = parts["train"]
-
-        # genre_interest: each user's top genres over the genres of the movies they rated in training
-        counts = np.stack(
-            [np.bincount(user[train], weights=multi_hot[item[train], g], minlength=num_users + 1) for g in
-             range(len(GENRES))], axis=1)  # fmt: skip
-        no_train = np.bincount(user[train], minlength=num_users + 1) == 0
-        if no_train[user].any():  # users held out entirely: ranked on their own rows (none of them is trained on)
-            own = np.flatnonzero(no_train[user])
-            counts += np.stack(
-                [np.bincount(user[own], weights=multi_hot[item[own], g], minlength=num_users + 1) for g in
-                 range(len(GENRES))], axis=1)  # fmt: skip
-        top = np.argsort(-counts, axis=1, kind="stable")[:, : self.interest_top_k]
-        interest = np.zeros_like(counts, dtype=bool)
-        np.put_along_axis(interest, top, True, axis=1)
-        interest &= counts > 0
-        signals["genre_interest"] = (interest[user] & (multi_hot[item] > 0)).any(axis=1).astype(np.float32)
+        signals["genre_interest"] = genre_interest(user, item, train, multi_hot, num_users, self.interest_top_k)
 
         # inputs: vocabularies of the training rows' users and movies
-        train_users, train_items = np.unique(user[train]), np.unique(item[train])
-        user_text = {
-            "gender": users["Gender"].str.strip().to_numpy(object),
-            "age": users["Age"].str.strip().to_numpy(object),
-            "occupation": users["Occupation"].str.strip().to_numpy(object),
-            "zip_prefix": users["Zip-code"].str.strip().str[:1].to_numpy(object),
-        }
-        decade = np.where(np.isnan(year[1:]), -1, np.floor(np.nan_to_num(year[1:]) / 10) * 10).astype(np.int64)
-        item_text = {
-            "primary_genre": np.array([GENRES[g - 1] if g else None for g in primary[1:]], dtype=object),
-            "year_bucket": np.array([f"{d}s" if d >= 0 else None for d in decade], dtype=object),
-        }
-        for values in (*user_text.values(), *item_text.values()):
-            values[values == ""] = None
-        user_cat, vocab = code_table(num_users, {c: user_text[c] for c in USER_CATEGORICAL}, train_users)
-        item_cat, item_vocab = code_table(num_items, {c: item_text[c] for c in ITEM_CATEGORICAL}, train_items)
-        vocab |= item_vocab
+        user_cat, item_cat, vocab = input_tables(users, primary, year, user[train], item[train])
         item_num = np.zeros((num_items + 1, len(NUMERIC)), np.float32)
         item_num[:, 0], mean, std = standardise(year, year[item[train]])
         item_num[:, 1:] = multi_hot
