@@ -240,3 +240,90 @@ def _relocate(ckpt_path: Path) -> None:
     tmp = ckpt_path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(ckpt_path)
+
+
+# == the module's own state in a checkpoint: checkpoint["mtl"] (MTLModule.on_save_checkpoint / on_load_checkpoint) ==
+# Everything here is tensors and plain containers, so the checkpoint still loads with weights_only=True.
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, random) as tensors and plain values (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)],
+        "random": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (CUDA states only on a machine with as many devices)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def logger_run_id(loggers: Sequence[Any]) -> str | None:
+    """The MLflow run the first MLflow logger writes to, or None. Lightning's ``MLFlowLogger.run_id`` creates
+    the run when it does not exist yet; a logger that says it has not started one (``started``, ours) is not
+    asked, so saving a checkpoint never creates a run. On ranks other than 0 Lightning's logger answers None."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for lg in loggers:
+        if isinstance(lg, MLFlowLogger):
+            return lg.run_id if getattr(lg, "started", True) else None
+    return None
+
+
+def check_finite_parameters(named_parameters: Any, step: int) -> None:
+    """Refuse to save non-finite parameters: raise, so no NaN model overwrites ``last.ckpt`` or the best one."""
+    from mtl_experiments.errors import NonFiniteLossError
+
+    broken = [n for n, p in named_parameters if not torch.isfinite(p).all()]
+    if broken:
+        raise NonFiniteLossError(
+            f"Parameters {broken[:3]} became non-finite by step {step} although the loss was finite "
+            "(an exploding update); the checkpoint was not written, the last good one is kept. Lower the "
+            "learning rate (optimizer.lr=...) or clip gradients (module.gradient_clip_val=1.0)."
+        )
+
+
+def module_state(
+    run_id: str | None,
+    train_outputs: dict[str, Any] | None,
+    nonfinite: Sequence[int],
+    config: str | None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``checkpoint["mtl"]``: the MLflow run id (``RUN_ID_KEY``), the RNG states, this epoch's train outputs so far
+    (``{"outputs", "batch"}``, for the epoch's train metrics), the non-finite step counts ``[skipped, streak]``,
+    the run's resolved config (YAML) and ``meta``'s items (the run's identity, set by the pipeline)."""
+    return {
+        "mlflow_run_id": run_id,
+        "rng": rng_state(),
+        "train_outputs": train_outputs,
+        "nonfinite": list(nonfinite),
+        "config": config,
+        **(meta or {}),
+    }
+
+
+def train_outputs_on(state: dict[str, Any], device: torch.device) -> list[tuple[dict, dict]]:
+    """The saved epoch's train outputs of ``module_state`` as the module keeps them (one entry), on ``device``."""
+    outputs = state.get("train_outputs")
+    if not outputs:
+        return []
+    batch = {k: v.to(device) for k, v in outputs["batch"].items() if k != "labels"}
+    batch["labels"] = {n: t.to(device) for n, t in outputs["batch"]["labels"].items()}
+    return [({n: t.to(device) for n, t in outputs["outputs"].items()}, batch)]

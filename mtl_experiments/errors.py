@@ -19,3 +19,7 @@ class TrackingError(MTLError):
 
 class NonFiniteLossError(MTLError, FloatingPointError):
     """A task loss became NaN or infinite during training."""
+
+
+class DivergenceError(MTLError):
+    """Training diverged (a loss or a norm far beyond its bound; ``module.divergence=stop``)."""

@@ -1,8 +1,13 @@
 """Per-task gradients of the shared dense parameters, computed once per step (DESIGN.md §5).
 
 Weighting methods that need them and the conflict metrics receive the same ``G[T, P]`` matrix:
-row t is the flattened gradient ∂L_t/∂θ_shared. Computed with ``torch.autograd.grad`` (not
-``backward``) so ``.grad`` buffers and DDP's gradient hooks are untouched until the one real backward.
+row t is the flattened gradient ∂L_t/∂θ_shared (or ∂L_t/∂representation, see ``grad_inputs``).
+``plan`` gathers what one training step needs (the weighting's inputs, the conflict metrics' inputs on
+measured steps, the shared parameters for the lookahead affinity) and ``StepGradients`` makes one
+``task_gradients`` call over their union and hands each consumer its columns, so no gradient is computed
+twice (PCGrad's G is the metrics' G; GradNorm's last-layer G is a slice of the shared G).
+Computed with ``torch.autograd.grad`` (not ``backward``) so ``.grad`` buffers and DDP's gradient hooks
+are untouched until the one real backward.
 Low-precision gradients (a bfloat16 representation under ``bf16-mixed``) come back as float32: the
 aggregators solve small linear systems that have no bfloat16 kernels and would lose the conflicts.
 
@@ -12,11 +17,23 @@ global batch's ``G`` before anything uses it (see the section at the end of this
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+GRAD_SOURCES = ("params", "representation")
+
+
+def grad_inputs(model: Any, source: str) -> list[Tensor]:
+    """What ``G`` is taken with respect to, this step (after the forward pass): ``representation`` = the shared
+    representation the backbone computed, ``params`` = the backbone's shared dense parameters."""
+    if source == "representation":
+        return [model.backbone.representation]
+    return list(model.shared_parameters())
 
 
 def task_gradients(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -159,3 +176,137 @@ def sync_task_gradients(grads: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor
             blocks[i] = gather_batch(rows).transpose(0, 1).reshape(len(grads), -1) / world
             widths[i] *= world
     return torch.cat(blocks, dim=1), widths
+
+
+# -- one G per step, each consumer its columns -------------------------------------------------------
+def union_inputs(*groups: Sequence[Tensor] | None) -> list[Tensor]:
+    """The tensors of all groups, each once (by identity), in order of first appearance."""
+    seen, out = set(), []
+    for group in groups:
+        for t in group or ():
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def same_tensors(a: Sequence[Tensor] | None, b: Sequence[Tensor] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def select_columns(
+    grads: Tensor, inputs: Sequence[Tensor], wanted: Sequence[Tensor], widths: Sequence[int] | None = None
+) -> Tensor:
+    """The columns of ``grads`` (taken w.r.t. ``inputs``, flattened and concatenated) that belong to
+    ``wanted``, in ``wanted``'s order: e.g. GradNorm's last-layer gradients out of the shared ones.
+    ``widths``: each input's number of columns when it is not its ``numel()`` (under DDP a representation's
+    block holds the whole global batch, see ``sync_task_gradients``)."""
+    if same_tensors(inputs, wanted):
+        return grads
+    offsets, offset = {}, 0
+    for i, t in enumerate(inputs):
+        width = t.numel() if widths is None else widths[i]
+        offsets[id(t)] = (offset, offset + width)
+        offset += width
+    blocks = [grads[:, slice(*offsets[id(t)])] for t in wanted]
+    return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+@dataclass
+class StepGradients:
+    """What one training step needs of ``G``, per consumer (None: nothing this step), and, once ``compute``
+    has run, the step's one ``G`` over their union.
+
+    ``weighting``: the weighting's inputs (every step, when it aggregates gradients); ``conflict``: the
+    conflict metrics' inputs (on measured steps); ``affinity``: the shared parameters (on lookahead steps).
+    ``weighting_norms``: whether the norms of the weighting's rows are ``train/grad_norm/<task>`` (that name
+    means the norm over the conflict metrics' inputs when those are on: only the same tensors qualify)."""
+
+    weighting: list[Tensor] | None = None
+    conflict: list[Tensor] | None = None
+    affinity: list[Tensor] | None = None
+    weighting_norms: bool = True
+    inputs: list[Tensor] | None = None
+    grads: Tensor | None = None
+    widths: list[int] | None = None
+
+    def compute(self, losses: Tensor) -> StepGradients:
+        """One ``task_gradients`` call over everything asked for; under DDP the global batch's ``G`` (the same
+        on every rank) before anything aggregates or measures it. ``losses``: this rank's own losses."""
+        self.inputs = union_inputs(self.weighting, self.conflict, self.affinity)
+        if self.inputs:
+            self.grads, self.widths = sync_task_gradients(task_gradients(losses, self.inputs), self.inputs)
+        return self
+
+    def columns(self, consumer: str) -> Tensor | None:
+        """``G`` over one consumer's inputs (``weighting``, ``conflict``, ``affinity``); None when it asked none."""
+        wanted = getattr(self, consumer)
+        return None if wanted is None else select_columns(self.grads, self.inputs, wanted, self.widths)
+
+
+def plan(model: Any, weighting: Any, conflict: Any, step: int) -> StepGradients:
+    """Who needs which per-task gradients at optimizer step ``step`` (counted from 1).
+
+    ``weighting``: the ``Weighting`` when the backbone shares parameters (None: it gets no G); ``conflict``:
+    the ``ConflictTracker`` (None: no conflict metrics)."""
+    needs = weighting is not None and weighting.needs_task_grads
+    weighting_inputs = weighting.task_grad_inputs(model) if needs else None
+    measured = conflict is not None and conflict.config.every_n_steps > 0
+    conflict_inputs = grad_inputs(model, conflict.config.source) if measured else None
+    return StepGradients(
+        weighting=weighting_inputs,
+        conflict=conflict_inputs if measured and conflict.measures(step) else None,
+        affinity=list(model.shared_parameters()) if conflict is not None and conflict.affinity_due(step) else None,
+        weighting_norms=conflict_inputs is None or same_tensors(weighting_inputs, conflict_inputs),
+    )
+
+
+# -- lookahead affinity (Fifty et al. 2021): the model run again after one step per task ------------------
+def lookahead_affinity(
+    model: nn.Module,
+    features,
+    labels,
+    losses_fn: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    shared: Sequence[nn.Parameter],
+    shared_grads: Tensor,
+    lr: float,
+) -> Tensor:
+    """``Z[i, j] = 1 − L_j(θ_s − lr·g_i, θ_rest) / L_j(θ_s, θ_rest)`` on this batch (Fifty et al., "Efficiently
+    Identifying Task Groupings for Multi-Task Learning", NeurIPS 2021).
+
+    A plain SGD step on the shared parameters only, as in the paper (the run's optimizer may differ:
+    the lookahead asks what task i's gradient does to task j, not what the optimizer would do), with
+    ``torch.func.functional_call`` so the model is not modified. The T + 1 forwards run without grad,
+    on copies of the buffers (batch-norm statistics stay untouched) and all with the same random draws
+    (the same dropout masks), inside ``fork_rng`` so the training RNG does not move. Z = 0 where
+    L_j(θ) = 0. Positive Z_{i→j}: a step on task i lowers task j's loss. Costs T + 1 forwards.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared_names = [names[id(p)] for p in shared]
+    devices = [p.device for p in shared if p.device.type == "cuda"][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def losses_at(overrides: dict[str, Tensor]) -> Tensor:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states, strict=True):
+                torch.cuda.set_rng_state(state, d)
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            outputs = torch.func.functional_call(model, {**buffers, **overrides}, (features,), strict=False)
+            return losses_fn(outputs, labels).double()
+
+        base = losses_at({})
+        rows = []
+        for i in range(shared_grads.shape[0]):
+            stepped, offset = {}, 0
+            for name, p in zip(shared_names, shared, strict=True):
+                n = p.numel()
+                stepped[name] = p - lr * shared_grads[i, offset : offset + n].view_as(p).to(p.dtype)
+                offset += n
+            rows.append(losses_at(stepped))
+    after, before = torch.stack(rows), base.expand(len(rows), -1)
+    # 0 where L_j(θ) = 0 (the conflict metrics' zero convention)
+    return 1.0 - torch.where(
+        before > 0, after / before.clamp_min(torch.finfo(before.dtype).tiny), torch.zeros_like(after)
+    )

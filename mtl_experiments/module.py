@@ -1,23 +1,22 @@
 """MTLModule: the one training step shared by every weighting method (DESIGN.md §5).
 
-Manual optimization, one path:
-1. forward; per-task losses stacked in config order;
-2. per-task gradients of the shared dense parameters, only when the weighting asks for them;
-3. ``weights = weighting.backward(losses, grads, shared, self.manual_backward)`` (one real backward);
-4. gradient clipping and scheduler stepping here (Lightning does neither under manual optimization);
-5. optimizer step; the weighting's hooks; logging.
-
-Task-conflict metrics (``module.conflict``, ``mtl_experiments/metrics/conflict.py``) are measured every
-``conflict.every_n_steps`` optimizer steps from the same per-task gradients: one ``task_gradients`` call
-per step covers everything asked for that step (the weighting's inputs, the metrics' inputs, the shared
-parameters for the lookahead affinity), and each consumer takes its columns, so no gradient is computed
-twice (PCGrad's G is the metrics' G; GradNorm's last-layer G is a slice of the shared G).
+Manual optimization, one path, each a call in ``training_step``:
+1. forward; per-task losses stacked in config order (the global batch's values under DDP); the non-finite
+   and divergence checks (``module.nonfinite``, ``module.divergence``: ``mtl_experiments/divergence.py``);
+2. per-task gradients, once, for everything that needs them this step (``grads.plan``: the weighting's
+   inputs, the conflict metrics' inputs, the shared parameters for the lookahead affinity);
+3. ``weights = weighting.backward(losses, grads, shared, self.manual_backward)`` (one real backward), then
+   gradient clipping (Lightning clips nothing under manual optimization);
+4. the conflict metrics and the lookahead affinity (``metrics/conflict.py``, ``grads.lookahead_affinity``),
+   measured every ``conflict.every_n_steps`` / ``affinity_every_n_steps`` optimizer steps from that same G;
+5. optimizer step; the weighting's hooks; the scheduler (stepped here, Lightning does not under manual
+   optimization); logging at Lightning's cadence.
 
 Under DDP (``trainer=ddp``) every rank computes exactly what one process would compute on the global
 batch (the ranks' shares together), so every rank applies the same update and the replicas never drift:
 - the losses a weighting sees have the global batch's values and this rank's gradients
   (``grads.global_losses``: one all-reduce of T numbers), so loss-level methods, their histories (DWA,
-  FAMO), GradNorm's loss ratios and the NaN check agree on every rank;
+  FAMO), GradNorm's loss ratios, the NaN check and the divergence check agree on every rank;
 - ``G`` is taken on this rank's share with ``autograd.grad`` (DDP's hooks do not fire) and made the global
   batch's ``G`` *before* anything aggregates or measures it (``grads.sync_task_gradients``: the mean over
   ranks for parameters, the gathered batch for the representation);
@@ -39,24 +38,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
+from mtl_experiments import checkpoints, checks, grads
+from mtl_experiments.divergence import DivergenceConfig, DivergenceDetector, global_norm
 from mtl_experiments.errors import ConfigError, NonFiniteLossError
-from mtl_experiments.grads import (
-    gather_batch,
-    global_losses,
-    mean_over_ranks,
-    sync_task_gradients,
-    task_gradients,
-    world_size,
-)
+from mtl_experiments.grads import gather_batch, global_losses, lookahead_affinity, mean_over_ranks, world_size
 from mtl_experiments.loss.base import Weighting
-from mtl_experiments.metrics.conflict import (
-    ConflictConfig,
-    ConflictTracker,
-    lookahead_affinity,
-    same_tensors,
-    select_columns,
-    union_inputs,
-)
+from mtl_experiments.metrics.conflict import ConflictConfig, ConflictTracker
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.optimizer.sparse_adam import check_sparse_training
 from mtl_experiments.tasks import Task
@@ -64,35 +51,6 @@ from mtl_experiments.tasks import Task
 STAGES = ("train", "val", "test")
 NONFINITE_POLICIES = ("stop", "skip")
 log = logging.getLogger(__name__)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states (torch, CUDA, numpy, random) as tensors and plain values (weights_only-loadable)."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)],
-        "random": random.getstate(),
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["random"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 def metric_directions(tasks: Mapping[str, Task], stage: str = "val") -> dict[str, bool]:
@@ -113,9 +71,14 @@ class MTLModule(pl.LightningModule):
     parameter group without weight decay (decaying log-variances or task weights changes the method).
     ``conflict``: ``{every_n_steps, source, affinity_every_n_steps}`` (``conf/module/default.yaml``);
     None turns the conflict metrics off. A backbone that shares nothing (single_task) has none.
+    ``divergence``: ``{action, loss_factor, rising_steps, max_param_norm, max_grad_norm}``
+    (``mtl_experiments/divergence.py``); None turns the detection off.
     ``segments``: the datamodule's evaluation segments (``warm``, ``cold_user``, ``cold_item``): validation and
     test metrics are also logged per segment, ``{stage}/{segment}/{task}/{metric}``. A task's rows without a
     label (``Task.valid``, ``observed_if``) take no part in its loss or metrics.
+
+    Set by the pipeline, saved in every checkpoint (``checkpoint["mtl"]``): ``run_config``, the run's resolved
+    config (YAML, under ``"config"``), and ``checkpoint_meta``, whose items are merged in as they are.
     """
 
     def __init__(
@@ -132,14 +95,15 @@ class MTLModule(pl.LightningModule):
         nonfinite: str = "stop",
         max_consecutive_nonfinite: int = 10,
         segments: tuple[str, ...] = (),
+        divergence: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"module.nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}.")
-        if int(max_consecutive_nonfinite) < 1:
-            raise ConfigError(f"module.max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}.")
-        self.nonfinite, self.max_consecutive_nonfinite = nonfinite, int(max_consecutive_nonfinite)
+        self.nonfinite = checks.choice("module.nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.max_consecutive_nonfinite = checks.positive_int(
+            "module.max_consecutive_nonfinite", max_consecutive_nonfinite
+        )
         self.run_config: str | None = None  # the run's resolved config (YAML), saved in checkpoints by the pipeline
+        self.checkpoint_meta: dict[str, Any] = {}  # merged into checkpoint["mtl"] (the run's identity)
         self.nonfinite_skipped, self._nonfinite_streak = 0, 0
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
@@ -158,20 +122,9 @@ class MTLModule(pl.LightningModule):
                 stacklevel=2,
             )
         self.conflict_config = ConflictConfig.from_mapping(conflict)
-        self.conflict_tracker: ConflictTracker | None = None
-        if self.conflict_config.enabled and not self._shares_parameters:
-            log.info("%s shares no parameters: no task-conflict metrics.", type(model.backbone).__name__)
-        elif self.conflict_config.enabled:
-            if (
-                self.conflict_config.every_n_steps
-                and self.conflict_config.source == "representation"
-                and not model.backbone.has_representation
-            ):
-                raise ConfigError(
-                    "module.conflict.source=representation needs a backbone with one shared representation; "
-                    f"{type(model.backbone).__name__} has none. Use module.conflict.source=params."
-                )
-            self.conflict_tracker = ConflictTracker(list(self.tasks), self.conflict_config)
+        self.conflict_tracker = self._conflict_tracker()
+        divergence_config = DivergenceConfig.from_mapping(divergence)
+        self.divergence = DivergenceDetector(list(self.tasks), divergence_config) if divergence_config.enabled else None
         # nn.ModuleDict keys may not shadow Module attributes ("train"), hence the "on_" prefix
         # evaluation segments (warm / cold_user / cold_item, data/base.py): val and test get one metric set each
         self.segments = tuple(segments)
@@ -179,6 +132,21 @@ class MTLModule(pl.LightningModule):
         self.task_metrics = nn.ModuleDict(
             {f"on_{key}": nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()}) for key in keys}
         )
+
+    def _conflict_tracker(self) -> ConflictTracker | None:
+        """The conflict metrics of ``module.conflict``, or None (off, or a backbone that shares nothing)."""
+        cfg, backbone = self.conflict_config, self.model.backbone
+        if not cfg.enabled:
+            return None
+        if not self._shares_parameters:
+            log.info("%s shares no parameters: no task-conflict metrics.", type(backbone).__name__)
+            return None
+        if cfg.every_n_steps and cfg.source == "representation" and not backbone.has_representation:
+            raise ConfigError(
+                "module.conflict.source=representation needs a backbone with one shared representation; "
+                f"{type(backbone).__name__} has none. Use module.conflict.source=params."
+            )
+        return ConflictTracker(list(self.tasks), cfg)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -281,72 +249,96 @@ class MTLModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
-        features, labels = batch["features"], batch["labels"]
-        outputs = self.model(features)
-        local_losses = self._losses(outputs, labels)
+        outputs = self.model(batch["features"])
+        local_losses = self._losses(outputs, batch["labels"])
         # under DDP: the global batch's loss values on every rank, this rank's gradients (grads.global_losses);
-        # the NaN check then sees the same values everywhere, so every rank stops at the same step
+        # the checks then see the same values everywhere, so every rank takes the same decision
         losses = global_losses(local_losses)
-        if not self._check_finite(losses):  # module.nonfinite=skip: this step is skipped
+        if not self._check_losses(losses):  # module.nonfinite=skip: this step is skipped
             return
-        shared = self.model.shared_parameters()
         step = self.global_step + 1  # this step's number once opt.step() has run, as the logging below counts
-        tracker = self.conflict_tracker
-        measure = tracker is not None and tracker.measures(step)
-        affinity = tracker is not None and tracker.affinity_due(step)
-        weighting_inputs = (
-            self.weighting.task_grad_inputs(self.model)
-            if self.weighting.needs_task_grads and self._shares_parameters
-            else None
-        )
-        conflict_inputs = tracker.inputs(self.model) if tracker is not None and tracker.config.every_n_steps else None
-        # train/grad_norm/<task> means the norm over the conflict metrics' inputs when those are on; the
-        # weighting's norms are logged under that name only when they are the same quantity
-        weighting_norms = conflict_inputs is None or same_tensors(weighting_inputs, conflict_inputs)
-        # one task_gradients call for everything needed this step; each consumer takes its columns
-        inputs = union_inputs(weighting_inputs, conflict_inputs if measure else None, shared if affinity else None)
-        all_grads, widths = None, None
-        if inputs:
-            # under DDP, G of the global batch (identical on every rank) before anything aggregates or measures it
-            all_grads, widths = sync_task_gradients(task_gradients(local_losses, inputs), inputs)
-        grads = select_columns(all_grads, inputs, weighting_inputs, widths) if weighting_inputs is not None else None
-        gates = getattr(self.model.backbone, "gate_weights", None) if measure else None  # read before any re-forward
+        weighting = self.weighting if self._shares_parameters else None
+        plan = grads.plan(self.model, weighting, self.conflict_tracker, step).compute(local_losses)
+        task_grads = plan.columns("weighting")
+        gates = self._gates() if plan.conflict is not None else None  # read before any re-forward
+        weights = self._backward(opt, losses, task_grads)
+        measured = self._measure(opt, plan, weights, step, gates, batch)  # before opt.step(): the lookahead
+        opt.step()  # starts from this step's parameters
+        self.weighting.after_optimizer_step(losses.detach())
+        self._step_scheduler("step")
+        if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)
+            kept = {"labels": batch["labels"], **{k: batch[k] for k in ("user_id", "item_id") if k in batch}}
+            self._train_outputs.append(({n: o.detach() for n, o in outputs.items()}, kept))
+        norms_of = task_grads if plan.weighting_norms else None
+        self._log_step(losses.detach(), weights, norms_of, measured, step, batch["labels"])
+
+    def _check_losses(self, losses: Tensor) -> bool:
+        """The non-finite check, then the divergence check, from one copy of the T losses on the host (the
+        non-finite check's own synchronisation: the divergence check adds none)."""
+        values = losses.detach().cpu() if self.divergence is not None else losses
+        if not self._check_finite(values):
+            return False
+        if self.divergence is not None:
+            self.divergence.check_losses(values.tolist(), self.global_step + 1, self.current_epoch)
+        return True
+
+    def _gates(self) -> Any:
+        """A mixture backbone's gates of this forward (``gate_weights``), the global batch's under DDP."""
+        gates = getattr(self.model.backbone, "gate_weights", None)
         if isinstance(gates, Mapping) and world_size() > 1:  # the global batch's gates (rank 0 logs them)
             gates = {name: gather_batch(g) for name, g in gates.items()}
+        return gates
+
+    def _backward(self, opt, losses: Tensor, task_grads: Tensor | None) -> Tensor:
+        """The weighting's one real backward (weights ``[T]`` returned), then gradient clipping."""
         opt.zero_grad()
         with self._full_precision():
-            weights = self.weighting.backward(losses, grads, shared, self.manual_backward)
+            weights = self.weighting.backward(losses, task_grads, self.model.shared_parameters(), self.manual_backward)
+        if self.divergence is not None:
+            self._check_norms()
         if self.gradient_clip_val > 0:
             self.clip_gradients(
                 opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
             )
+        return weights
+
+    def _check_norms(self) -> None:
+        """``module.divergence.max_param_norm`` / ``max_grad_norm``: the model's parameter and gradient L2 norms
+        (before clipping), computed only when a bound is set (one synchronisation for both)."""
+        cfg = self.divergence.config
+        if cfg.max_param_norm is None and cfg.max_grad_norm is None:
+            return
+        params = list(self.model.parameters())
+        norms = [global_norm([p.detach() for p in params]), global_norm([p.grad for p in params if p.grad is not None])]
+        param_norm, grad_norm = torch.stack([n.to(self.device) for n in norms]).tolist()
+        self.divergence.check_norm("param", param_norm, self.global_step + 1, self.current_epoch)
+        self.divergence.check_norm("grad", grad_norm, self.global_step + 1, self.current_epoch)
+
+    def _measure(self, opt, plan: grads.StepGradients, weights: Tensor, step: int, gates: Any, batch: dict):
+        """This step's conflict metrics and lookahead affinity, when due: ``(conflict logs, affinity logs)``."""
         conflict_logs: dict[str, Tensor] = {}
         affinity_logs: dict[str, Tensor] = {}
-        if measure:
+        shared = self.model.shared_parameters()
+        if plan.conflict is not None:
             with self._full_precision():
-                conflict_logs = self._measure_conflict(
-                    select_columns(all_grads, inputs, conflict_inputs, widths), shared, weights, step, gates
-                )
-        if affinity:  # before opt.step(): the lookahead starts from this step's parameters
+                conflict_logs = self._measure_conflict(plan.columns("conflict"), shared, weights, step, gates)
+        if plan.affinity is not None:
             lr = next(g["lr"] for g in opt.optimizer.param_groups if any(p is shared[0] for p in g["params"]))
             z = lookahead_affinity(
                 self.model,
-                features,
-                labels,
+                batch["features"],
+                batch["labels"],
                 lambda out, lab: mean_over_ranks(self._losses(out, lab)),  # the global batch's lookahead losses
                 shared,
-                select_columns(all_grads, inputs, shared, widths),
+                plan.columns("affinity"),
                 lr,
             )
-            affinity_logs = tracker.update_affinity(z)
-        opt.step()
-        self.weighting.after_optimizer_step(losses.detach())
-        if self.scheduler_cfg and self.scheduler_cfg.get("interval") == "step":
-            self.lr_schedulers().step()
+            affinity_logs = self.conflict_tracker.update_affinity(z)
+        return conflict_logs, affinity_logs
 
-        if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)
-            kept = {"labels": labels, **{k: batch[k] for k in ("user_id", "item_id") if k in batch}}
-            self._train_outputs.append(({n: o.detach() for n, o in outputs.items()}, kept))
+    def _log_step(self, losses, weights, norms_of, measured, step: int, labels: Mapping[str, Tensor]) -> None:
+        """This step's values, at Lightning's cadence: losses, weights, gradient norms (of ``norms_of``, the
+        weighting's G when it is the conflict metrics' quantity), the weighting's state, the conflict metrics."""
         # Lightning writes step values only every log_every_n_steps; calling self.log on the other steps
         # costs ~0.3 ms per key for nothing (measured with scripts/benchmark.py). After opt.step(),
         # global_step is the step number Lightning's logger connector tests.
@@ -357,15 +349,12 @@ class MTLModule(pl.LightningModule):
         # fewer steps would be re-written with stale values. Otherwise they are written directly to the
         # loggers (one extra store write per measurement, ~25 ms on SQLite).
         merged, direct = {}, {}
-        for values, cadence in (
-            (conflict_logs, self.conflict_config.every_n_steps),
-            (affinity_logs, self.conflict_config.affinity_every_n_steps),
-        ):
+        cadences = (self.conflict_config.every_n_steps, self.conflict_config.affinity_every_n_steps)
+        for values, cadence in zip(measured, cadences, strict=True):
             (merged if writes and cadence == every else direct).update(values)
         if writes:
-            losses = losses.detach()
             logs = {"train/loss": (weights * losses).sum()}
-            norms = grads.norm(dim=1) if grads is not None and weighting_norms else None
+            norms = norms_of.norm(dim=1) if norms_of is not None else None
             for i, name in enumerate(self.tasks):
                 logs[f"train/loss/{name}"] = losses[i]
                 logs[f"train/weight/{name}"] = weights[i]
@@ -379,6 +368,19 @@ class MTLModule(pl.LightningModule):
             values = {k: float(v) for k, v in direct.items()}
             for logger in self.loggers:
                 logger.log_metrics(values, step=step - 1)
+
+    def _step_scheduler(self, interval: str) -> None:
+        """Lightning steps no scheduler under manual optimization: this module does, after each optimizer step
+        (``interval: step``) or training epoch (``epoch``; ReduceLROnPlateau with its monitored value)."""
+        if not self.scheduler_cfg or self.scheduler_cfg.get("interval", "epoch") != interval:
+            return
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            monitor = self.scheduler_cfg.get("monitor")
+            if monitor in self.trainer.callback_metrics:
+                scheduler.step(self.trainer.callback_metrics[monitor])
+        else:
+            scheduler.step()
 
     def _full_precision(self) -> torch.autocast:
         """No autocast: under ``bf16-mixed`` Lightning runs the whole training step in autocast, which would
@@ -425,44 +427,36 @@ class MTLModule(pl.LightningModule):
 
     # -- checkpoints (what resume= restores beyond Lightning's own state; mtl_experiments/checkpoints.py) ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds ``checkpoint["mtl"]``: the MLflow run id, the RNG states, this epoch's train outputs so far
-        (the epoch's train metrics), the non-finite step counts. Refuses to save non-finite parameters: it
-        raises, so no NaN model overwrites ``last.ckpt`` or the best checkpoint."""
-        broken = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
-        if broken:
-            raise NonFiniteLossError(
-                f"Parameters {broken[:3]} became non-finite by step {self.global_step} although the loss was finite "
-                "(an exploding update); the checkpoint was not written, the last good one is kept. Lower the "
-                "learning rate (optimizer.lr=...) or clip gradients (module.gradient_clip_val=1.0)."
-            )
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        run_id = next((lg._run_id for lg in self.loggers if isinstance(lg, MLFlowLogger)), None)
+        """Adds ``checkpoint["mtl"]`` (``checkpoints.module_state``): the MLflow run id, the RNG states, this
+        epoch's train outputs so far, the non-finite step counts, the run's config and ``checkpoint_meta``; the
+        divergence detector's state. Refuses to save non-finite parameters (``checkpoints.check_finite_parameters``
+        raises), so no NaN model overwrites ``last.ckpt`` or the best checkpoint."""
+        checkpoints.check_finite_parameters(self.named_parameters(), self.global_step)
         outputs = None
         # under DDP only rank 0's checkpoint is written, so its outputs would stand for every rank's: not kept
         if self._train_outputs and self.trainer.world_size == 1:
             outputs, batch = self._epoch_train_outputs()
             outputs = {"outputs": outputs, "batch": batch}
-        checkpoint["mtl"] = {
-            "mlflow_run_id": run_id,
-            "rng": rng_state(),
-            "train_outputs": outputs,
-            "nonfinite": [self.nonfinite_skipped, self._nonfinite_streak],
-            "config": self.run_config,
-        }
+        state = checkpoints.module_state(
+            checkpoints.logger_run_id(self.loggers),
+            outputs,
+            [self.nonfinite_skipped, self._nonfinite_streak],
+            self.run_config,
+            self.checkpoint_meta,
+        )
+        if self.divergence is not None:
+            state["divergence"] = self.divergence.state_dict()
+        checkpoint["mtl"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mtl")
         if not state or self._trainer is None or self.trainer.state.fn != "fit":
             return  # loading the best weights for testing is not resuming
-        set_rng_state(state["rng"])
-        outputs = state.get("train_outputs")
-        self._train_outputs = []
-        if outputs:
-            batch = {k: v.to(self.device) for k, v in outputs["batch"].items() if k != "labels"}
-            batch["labels"] = {n: t.to(self.device) for n, t in outputs["batch"]["labels"].items()}
-            self._train_outputs = [({n: t.to(self.device) for n, t in outputs["outputs"].items()}, batch)]
+        checkpoints.set_rng_state(state["rng"])
+        self._train_outputs = checkpoints.train_outputs_on(state, self.device)
         self.nonfinite_skipped, self._nonfinite_streak = (int(x) for x in state["nonfinite"])
+        if self.divergence is not None and "divergence" in state:
+            self.divergence.load_state_dict(state["divergence"])
 
     def _epoch_train_outputs(self) -> tuple[dict[str, Tensor], dict]:
         """This epoch's kept train outputs and batches so far, concatenated: (outputs, batch)."""
@@ -477,11 +471,18 @@ class MTLModule(pl.LightningModule):
             self.conflict_tracker.start_epoch()
 
     def on_train_end(self) -> None:
-        # run-level conflict summaries, once, as plain metrics the MLflow UI can sort runs by
+        # run-level summaries, once, as plain metrics the MLflow UI can sort runs by: the conflict metrics' and
+        # the counters' (written whatever trainer.log_every_n_steps is)
         summaries = self.conflict_tracker.summaries() if self.conflict_tracker is not None else {}
+        summaries.update(self._counters())
         if summaries:
             for logger in self.loggers:
                 logger.log_metrics(summaries, step=self.global_step)
+
+    def _counters(self) -> dict[str, float]:
+        """Run counters worth a value at every epoch end and in the summary: ``train/nonfinite_skipped`` (with
+        ``module.nonfinite=skip``; step-level writes miss an epoch shorter than ``log_every_n_steps``)."""
+        return {"train/nonfinite_skipped": float(self.nonfinite_skipped)} if self.nonfinite == "skip" else {}
 
     # -- evaluation -----------------------------------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -531,14 +532,13 @@ class MTLModule(pl.LightningModule):
             self._train_outputs = []
             self._log_epoch_metrics("train")
         self.weighting.on_train_epoch_end(self.current_epoch)
-        if self.scheduler_cfg and self.scheduler_cfg.get("interval", "epoch") == "epoch":
-            scheduler = self.lr_schedulers()
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                monitor = self.scheduler_cfg.get("monitor")
-                if monitor in self.trainer.callback_metrics:
-                    scheduler.step(self.trainer.callback_metrics[monitor])
-            else:
-                scheduler.step()
+        self._step_scheduler("epoch")
+        if self.divergence is not None:
+            self.divergence.end_epoch()
+        counters = self._counters()
+        if counters and self._trainer is not None and not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                logger.log_metrics(counters, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

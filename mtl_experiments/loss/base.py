@@ -25,12 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.grads import GRAD_SOURCES, grad_inputs
 from mtl_experiments.tasks import Task
 
 if TYPE_CHECKING:
     from mtl_experiments.model import MultiTaskModel
-
-GRAD_SOURCES = ("params", "representation")
 
 
 class Weighting(nn.Module):
@@ -64,10 +63,8 @@ class Weighting(nn.Module):
             )
 
     def task_grad_inputs(self, model: MultiTaskModel) -> list[Tensor]:
-        """What ``G`` is taken with respect to, this step (called after the forward pass)."""
-        if self.grad_source == "representation":
-            return [model.backbone.representation]
-        return list(model.shared_parameters())
+        """What ``G`` is taken with respect to, this step (called after the forward pass; ``grads.grad_inputs``)."""
+        return grad_inputs(model, self.grad_source)
 
     def backward(
         self,

@@ -19,32 +19,36 @@ training step, everything but the update cosines and the affinity follows from t
   loss to first order;
 - lookahead inter-task affinity Z_{i→j} = 1 − L_j(θ_s − η∇_{θ_s}L_i) / L_j(θ_s) on the same batch
   (Fifty et al., "Efficiently Identifying Task Groupings for Multi-Task Learning", NeurIPS 2021), optional;
+  computed by ``grads.lookahead_affinity`` (it runs the model), averaged here;
 - for mixture backbones, per-task gate entropy and expert utilisation (see ``ConflictTracker.update_gates``).
 
 Zero gradients: a cosine with a zero vector is 0/0; it is **defined as 0** (neither aligned nor
 conflicting, so it never counts towards the conflict rate), and so is Φ_ij when both norms are 0.
 
-Each quantity is a torchmetrics ``Metric`` whose states are a float64 ``sum`` and a ``count`` of measured
-steps (mean over steps; DDP reduces both by summation). ``ConflictTracker`` bundles them for the module:
-per-step values to log, run-level and last-epoch means, and the small history the plots read.
+Each quantity is a ``RunningMean`` (``metrics/running.py``) whose states are a float64 ``sum`` and a ``count``
+of measured steps (mean over steps; DDP reduces both by summation). Which gradients are taken, and how the
+metrics' columns are cut out of the step's one ``G``, is ``grads.py``'s business.
+``ConflictTracker`` bundles them for the module: per-step values to log, run-level and last-epoch means,
+and the small history the plots read.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.grads import GRAD_SOURCES
+from mtl_experiments.metrics.running import RunningMean
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("params", "representation")
 DEFAULTS = {"every_n_steps": 50, "source": "params", "affinity_every_n_steps": 0}
 
 
@@ -74,14 +78,9 @@ class ConflictConfig:
             raise ConfigError(f"module.conflict.{unknown[0]} is not an option; valid keys: {sorted(DEFAULTS)}.")
         values = {**DEFAULTS, **cfg}
         for key in ("every_n_steps", "affinity_every_n_steps"):
-            v = values[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(
-                    f"module.conflict.{key} must be an integer >= 0 (0 turns it off; "
-                    f"default {DEFAULTS[key]}), got {v!r}."
-                )
-        if values["source"] not in SOURCES:
-            raise ConfigError(f"module.conflict.source must be one of {list(SOURCES)}, got {values['source']!r}.")
+            hint = f"0 turns it off; default {DEFAULTS[key]}"
+            values[key] = checks.non_negative_int(f"module.conflict.{key}", values[key], hint=hint)
+        checks.choice("module.conflict.source", values["source"], GRAD_SOURCES)
         return cls(**values)
 
 
@@ -122,25 +121,12 @@ def update_cosines(gram: Tensor, grads_dot_update: Tensor, update_sq: Tensor) ->
 
 
 # -- metrics: means over measured steps ---------------------------------------------------------------
-class _MeanOverSteps(Metric):
-    """Mean of a fixed-shape per-step value over the measured steps: states ``sum`` (float64), ``count``."""
-
-    is_differentiable = False
-    higher_is_better = None
-    full_state_update = False
-
-    def __init__(self, shape: Sequence[int] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("sum", default=torch.zeros(tuple(shape), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+class _MeanOverSteps(RunningMean):
+    """Mean of a fixed-shape per-step value over the measured steps (``RunningMean``: float64 ``sum``, ``count``)."""
 
     def _add(self, value: Tensor) -> None:
         self.last = value  # this step's value, for logging (cheaper than forward(): no state copies)
-        self.sum += value.to(self.sum)
-        self.count += 1
-
-    def compute(self) -> Tensor:
-        return self.sum / self.count
+        self.add(value)
 
 
 class PairwiseCosine(_MeanOverSteps):
@@ -198,7 +184,7 @@ class WorstUpdateCosine(_MeanOverSteps):
 
 
 class TaskAffinity(_MeanOverSteps):
-    """Mean over steps of the lookahead affinity matrix ``Z[i, j] = Z_{i→j}`` (see ``lookahead_affinity``)."""
+    """Mean over steps of the lookahead affinity matrix ``Z[i, j] = Z_{i→j}`` (see ``grads.lookahead_affinity``)."""
 
     def __init__(self, num_tasks: int, **kwargs):
         super().__init__((num_tasks, num_tasks), **kwargs)
@@ -223,86 +209,6 @@ class ExpertUtilisation(_MeanOverSteps):
 
     def update(self, gates: Tensor) -> None:
         self._add(gates.detach().double().mean(0))
-
-
-# -- lookahead affinity ------------------------------------------------------------------------------
-def lookahead_affinity(
-    model: nn.Module,
-    features,
-    labels,
-    losses_fn: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    shared: Sequence[nn.Parameter],
-    shared_grads: Tensor,
-    lr: float,
-) -> Tensor:
-    """``Z[i, j] = 1 − L_j(θ_s − lr·g_i, θ_rest) / L_j(θ_s, θ_rest)`` on this batch (Fifty et al. 2021).
-
-    A plain SGD step on the shared parameters only, as in the paper (the run's optimizer may differ:
-    the lookahead asks what task i's gradient does to task j, not what the optimizer would do), with
-    ``torch.func.functional_call`` so the model is not modified. The T + 1 forwards run without grad,
-    on copies of the buffers (batch-norm statistics stay untouched) and all with the same random draws
-    (the same dropout masks), inside ``fork_rng`` so the training RNG does not move. Z = 0 where
-    L_j(θ) = 0. Positive Z_{i→j}: a step on task i lowers task j's loss. Costs T + 1 forwards.
-    """
-    names = {id(p): n for n, p in model.named_parameters()}
-    shared_names = [names[id(p)] for p in shared]
-    devices = [p.device for p in shared if p.device.type == "cuda"][:1]
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-
-        def losses_at(overrides: dict[str, Tensor]) -> Tensor:
-            torch.set_rng_state(cpu_state)
-            for d, state in zip(devices, cuda_states, strict=True):
-                torch.cuda.set_rng_state(state, d)
-            buffers = {n: b.clone() for n, b in model.named_buffers()}
-            outputs = torch.func.functional_call(model, {**buffers, **overrides}, (features,), strict=False)
-            return losses_fn(outputs, labels).double()
-
-        base = losses_at({})
-        rows = []
-        for i in range(shared_grads.shape[0]):
-            stepped, offset = {}, 0
-            for name, p in zip(shared_names, shared, strict=True):
-                n = p.numel()
-                stepped[name] = p - lr * shared_grads[i, offset : offset + n].view_as(p).to(p.dtype)
-                offset += n
-            rows.append(losses_at(stepped))
-    return 1.0 - _ratio(torch.stack(rows), base.expand(len(rows), -1))
-
-
-# -- gradients shared between the weighting and the metrics --------------------------------------
-def union_inputs(*groups: Sequence[Tensor] | None) -> list[Tensor]:
-    """The tensors of all groups, each once (by identity), in order of first appearance."""
-    seen, out = set(), []
-    for group in groups:
-        for t in group or ():
-            if id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
-    return out
-
-
-def same_tensors(a: Sequence[Tensor] | None, b: Sequence[Tensor] | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def select_columns(
-    grads: Tensor, inputs: Sequence[Tensor], wanted: Sequence[Tensor], widths: Sequence[int] | None = None
-) -> Tensor:
-    """The columns of ``grads`` (taken w.r.t. ``inputs``, flattened and concatenated) that belong to
-    ``wanted``, in ``wanted``'s order: e.g. GradNorm's last-layer gradients out of the shared ones.
-    ``widths``: each input's number of columns when it is not its ``numel()`` (under DDP a representation's
-    block holds the whole global batch, see ``grads.sync_task_gradients``)."""
-    if same_tensors(inputs, wanted):
-        return grads
-    offsets, offset = {}, 0
-    for i, t in enumerate(inputs):
-        width = t.numel() if widths is None else widths[i]
-        offsets[id(t)] = (offset, offset + width)
-        offset += width
-    blocks = [grads[:, slice(*offsets[id(t)])] for t in wanted]
-    return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 # -- the tracker the module drives --------------------------------------------------------------------
@@ -351,12 +257,6 @@ class ConflictTracker(nn.Module):
     def affinity_due(self, step: int) -> bool:
         n = self.config.affinity_every_n_steps
         return n > 0 and step % n == 0
-
-    def inputs(self, model) -> list[Tensor]:
-        """What the conflict gradients are taken with respect to (after this step's forward)."""
-        if self.config.source == "representation":
-            return [model.backbone.representation]
-        return list(model.shared_parameters())
 
     # -- updates: each returns this step's values under their logged keys ------------------------
     def update(self, grads: Tensor, update: Tensor, weights: Tensor, step: int) -> dict[str, Tensor]:

@@ -1,5 +1,6 @@
 """Ranking metrics for retrieval tasks (one relevant item per query), and beyond-accuracy metrics of the
-recommended top-K lists. All are torchmetrics ``Metric``s with sum/count states (coverage: a seen-item vector):
+recommended top-K lists. All are torchmetrics ``Metric``s with sum/count states (``metrics/running.py``;
+coverage: a seen-item vector):
 constant memory per query stream, reduced by summation under DDP.
 
 Accuracy, from the rank r of the query's target item (0-based: the number of items scored above it):
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from mtl_experiments.metrics.running import MeanOfValues, RunningMean
+
 
 def target_rank(scores: Tensor, target_col: Tensor) -> Tensor:
     """Rank (0-based, float64) of column ``target_col[b]`` in each row of ``scores[B, I]``: the number of columns
@@ -38,30 +41,19 @@ def target_rank(scores: Tensor, target_col: Tensor) -> Tensor:
     return torch.where(torch.isnan(s_t.squeeze(1)), torch.full_like(rank, scores.shape[1] - 1), rank)
 
 
-class _RankMean(Metric):
-    """Mean over queries of a function of the target's rank. ``update(ranks)``; states ``total``, ``count``."""
+class RankMean(MeanOfValues):
+    """Mean over queries of a function ``value(ranks)`` of the target's rank. ``update(ranks)``."""
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def value(self, ranks: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, ranks: Tensor) -> None:
-        self.total += self.value(ranks.double()).sum()
-        self.count += ranks.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+        super().update(ranks.double())
 
 
-class NDCG(_RankMean):
+class NDCG(RankMean):
     """NDCG@K with one relevant item: 1/log2(r+2) if r < K, else 0."""
 
     def __init__(self, k: int, **kwargs):
@@ -72,7 +64,7 @@ class NDCG(_RankMean):
         return torch.where(ranks < self.k, 1.0 / torch.log2(ranks + 2), torch.zeros_like(ranks))
 
 
-class HitRate(_RankMean):
+class HitRate(RankMean):
     """HitRate@K (= Recall@K with one relevant item): 1[r < K]."""
 
     def __init__(self, k: int, **kwargs):
@@ -87,7 +79,7 @@ class Recall(HitRate):
     """Recall@K: the share of the query's relevant items in the top K; with one relevant item, 1[r < K]."""
 
 
-class MRR(_RankMean):
+class MRR(RankMean):
     """Mean reciprocal rank over the full list: 1/(r+1)."""
 
     def value(self, ranks: Tensor) -> Tensor:
@@ -115,7 +107,7 @@ class Coverage(Metric):
         return (self.counts[1:] > 0).sum().double() / self.num_items
 
 
-class Diversity(Metric):
+class Diversity(RunningMean):
     """Intra-list diversity@K (Ziegler et al. 2005): mean over the list's K(K−1)/2 pairs of 1[category differs]
     (``category``: Long[num_items + 1]) or, without categories, of 1 − cos(e_i, e_j) over ``topk_vectors``
     (the recommended items' embeddings, [B, >=K, d]); then the mean over queries. ``update(topk, topk_vectors)``."""
@@ -130,8 +122,6 @@ class Diversity(Metric):
             raise ValueError("intra-list diversity needs lists of at least 2 items")
         self.k = k
         self.register_buffer("category", None if category is None else category.long().clone(), persistent=False)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, topk: Tensor, topk_vectors: Tensor | None = None) -> None:
         k = self.k
@@ -144,14 +134,10 @@ class Diversity(Metric):
                 raise ValueError("Diversity without an item category table needs the recommended items' vectors")
             v = F.normalize(topk_vectors[:, :k].double(), dim=-1)
             dist = 1.0 - v @ v.transpose(1, 2)
-        self.total += dist[:, pair].mean(1).sum()
-        self.count += topk.shape[0]
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+        self.add(dist[:, pair].mean(1).sum(), topk.shape[0])
 
 
-class Novelty(Metric):
+class Novelty(RunningMean):
     """Novelty@K: mean self-information −log2 p(i) of the top-K items, p(i) = (c_i + 1) / (N + I) from the training
     interaction counts ``popularity`` (Long[num_items + 1], row 0 unused), N = Σ c_i. ``update(topk)``."""
 
@@ -167,13 +153,7 @@ class Novelty(Metric):
         num_items = counts.numel() - 1
         share = (counts + 1) / (counts[1:].sum() + num_items)
         self.register_buffer("information", -torch.log2(share), persistent=False)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, topk: Tensor) -> None:
         items = topk[:, : self.k]
-        self.total += self.information[items].sum()
-        self.count += items.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+        self.add(self.information[items].sum(), items.numel())

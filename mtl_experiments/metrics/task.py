@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from mtl_experiments.metrics.running import RunningMean
 
 
-class MeanLogLoss(Metric):
+class MeanLogLoss(RunningMean):
     """The mean over samples of a per-sample negative log-likelihood ``nll(preds, target)`` (a subclass's), summed
-    in float64 with sum/count states so it reduces exactly across batches and processes."""
+    in float64 (``RunningMean``: sum/count states, so it reduces exactly across batches and processes)."""
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, eps: float = 1e-15, **kwargs):
         super().__init__(**kwargs)
         self.eps = eps
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def nll(self, preds: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        self.total += self.nll(preds, target).sum()
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+        self.add(self.nll(preds, target).sum(), target.numel())
 
 
 class BinaryLogLoss(MeanLogLoss):

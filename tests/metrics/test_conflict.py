@@ -11,14 +11,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-import mtl_experiments.module as module_mod
+import mtl_experiments.grads as grads_mod
 from mtl_experiments import pipeline
 from mtl_experiments.backbone.shared_bottom import SharedBottom
 from mtl_experiments.backbone.single_task import SingleTask
 from mtl_experiments.data.synthetic import SyntheticDataModule
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
-from mtl_experiments.grads import task_gradients
+from mtl_experiments.grads import lookahead_affinity, task_gradients
 from mtl_experiments.loss.equal import Equal
 from mtl_experiments.metrics.conflict import (
     ConflictConfig,
@@ -30,7 +30,6 @@ from mtl_experiments.metrics.conflict import (
     UpdateCosine,
     WorstUpdateCosine,
     gramian,
-    lookahead_affinity,
 )
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
@@ -191,7 +190,7 @@ def count_task_gradients(monkeypatch):
         calls.append(len(list(params)))
         return task_gradients(losses, params)
 
-    monkeypatch.setattr(module_mod, "task_gradients", counting)
+    monkeypatch.setattr(grads_mod, "task_gradients", counting)
     return calls
 
 
