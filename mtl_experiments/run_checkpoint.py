@@ -99,10 +99,10 @@ def _download(client, run_id: str, names: list[str], download_to: Path | None) -
 
 def _no_checkpoint(run, folder: str | None, wanted: list[str], unlisted: str, fix: str) -> ConfigError:
     host = run.data.tags.get(HOST_TAG)
-    where = f"in {folder}" + (f" (written on host {host})" if host else "") if folder else "no folder tag"
+    where = f"none in {folder}" + (f" (written on host {host})" if host else "") if folder else "no folder tag"
     names = wanted[0] if len(wanted) == 1 else "{" + ",".join(wanted) + "}"
     return ConfigError(
-        f"Run {run.info.run_id} has no {'last ' if wanted == [LAST] else ''}checkpoint: none {where}, and no "
+        f"Run {run.info.run_id} has no {'last ' if wanted == [LAST] else ''}checkpoint: {where}, and no "
         f"artifact {CHECKPOINT_ARTIFACTS}/{names}{unlisted}. Train with the default callbacks (they write "
         "best-epochNNN.ckpt and last.ckpt) on this machine, or with callbacks.last_checkpoint.log_to_mlflow=true "
         f"to upload them to the run{'; ' + fix if fix else ''}."
