@@ -13,7 +13,8 @@ import torch
 from mtl_experiments.data.tabular import TabularFileDataModule
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.pipeline import train
-from tests.conftest import TABULAR_CONFIG, tabular_frame, write_tabular_file
+from tests.conftest import TABULAR_CONFIG
+from tests.fixtures_data import tabular_frame, write_tabular_file
 
 COLUMNS = dict(
     categorical=["city", "device"], numeric=["age", "price"], id_columns={"user_id": "user", "item_id": "item"}

@@ -15,9 +15,10 @@ from mtl_experiments.data.census_income import CATEGORICAL, COLLEGE_LEVELS, NUME
 from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError, DataError
 from mtl_experiments.features import FeatureEncoder
-from tests.conftest import census_row, free_port, write_census_files
+from tests.conftest import free_port
+from tests.fixtures_data import census_row, write_census_files
 
-REAL = Path(__file__).resolve().parents[2] / "shared/data/census-income"
+REAL = Path(__file__).resolve().parents[3] / "shared/data/census-income"
 GROUP1 = {"income": {"kind": "binary"}, "marital": {"kind": "binary"}}
 GROUP2 = {"education": {"kind": "binary"}, "marital": {"kind": "binary"}}
 

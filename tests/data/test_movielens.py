@@ -12,7 +12,7 @@ import torch
 from mtl_experiments.data import movielens
 from mtl_experiments.data.movielens import GENRE_COLUMNS, GENRES, NUMERIC, MovieLensDataModule
 from mtl_experiments.errors import ConfigError, DataError
-from tests.conftest import movielens_lines, write_movielens
+from tests.fixtures_data import movielens_lines, write_movielens
 
 TASKS = {
     "rating": {"kind": "regression"},

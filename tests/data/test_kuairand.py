@@ -14,7 +14,7 @@ import torch
 from mtl_experiments.data import kuairand
 from mtl_experiments.data.kuairand import BINARY, USER_CATEGORICAL, VIDEO_CATEGORICAL, KuaiRandDataModule
 from mtl_experiments.errors import ConfigError, DataError
-from tests.conftest import kuairand_frames, write_kuairand
+from tests.fixtures_data import kuairand_frames, write_kuairand
 
 TASKS = {
     "click": {"kind": "binary"},
