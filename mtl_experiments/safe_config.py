@@ -111,7 +111,7 @@ def _kept(key: str) -> bool:
     return top not in NOT_IN_RECIPE and not top.startswith("hydra")
 
 
-def recipe(choices: Mapping[str, str | None], overrides: Sequence[str]) -> dict[str, list[str]]:
+def recipe(choices: Mapping[str, str | None], overrides: Sequence[str]) -> dict[str, list[str]] | None:
     """The target-free description of a run stored in its checkpoints (``checkpoint["mtl"]["recipe"]``):
     ``{"overrides": [...]}``, the chosen option of every config group not chosen on the command line (so a
     later change of a default does not change the model), then the run's Hydra task overrides as typed.
@@ -119,8 +119,12 @@ def recipe(choices: Mapping[str, str | None], overrides: Sequence[str]) -> dict[
     they say where and how the run trained, not what it built.
 
     ``choices`` / ``overrides``: ``HydraConfig.get().runtime.choices`` and ``.overrides.task``
-    (``pipeline.hydra_context``)."""
+    (``pipeline.hydra_context``). None without choices: a config Hydra did not compose (built in code) has no
+    recipe that would rebuild it, and an empty one would compose the defaults instead."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not choices:
+        return None
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     typed = {o.key_or_group for o in parsed}

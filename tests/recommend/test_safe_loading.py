@@ -279,6 +279,7 @@ def test_recipe_keeps_group_choices_and_model_overrides_only():
             "+data.tasks.next_item={kind: retrieval}",
         ]
     }
+    assert safe_config.recipe({}, ["seed=1"]) is None  # no Hydra record: no recipe (never the defaults)
 
 
 # ----------------------------------------------------------------------------------- crafted run artifacts
