@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtl_experiments import checks
 from mtl_experiments.data.interactions import (
     InteractionDataModule,
     code_table,
@@ -268,15 +269,11 @@ class KuaiRandDataModule(InteractionDataModule):
                 raise ConfigError("data.logs is empty: name the log files to read, or use 'standard' / 'random'.")
         if not user_features:
             raise ConfigError("data.user_features must name the user features file (e.g. user_features_*.csv).")
-        if item_catalog not in ITEM_CATALOGS:
-            raise ConfigError(f"data.item_catalog must be one of {list(ITEM_CATALOGS)}, got {item_catalog!r}.")
+        checks.choice("data.item_catalog", item_catalog, ITEM_CATALOGS)
         if item_catalog == "features" and not video_features:
             raise ConfigError("data.item_catalog=features needs data.video_features (the file that lists the videos).")
-        if next_item_signal is not None and next_item_signal not in BINARY:
-            raise ConfigError(
-                f"data.next_item_signal must be a binary signal {list(BINARY)} or null (the next impression), "
-                f"got {next_item_signal!r}."
-            )
+        hint = "a binary signal; null: the next impression"
+        checks.optional(checks.choice, "data.next_item_signal", next_item_signal, BINARY, hint=hint)
         self.user_features, self.video_features = str(user_features), video_features and str(video_features)
         self.item_catalog, self.context_features = item_catalog, bool(context_features)
         self.next_item_signal = next_item_signal

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mtl_experiments import checks
 from mtl_experiments.data.base import require_file
 from mtl_experiments.data.interactions import InteractionDataModule, code_table, next_positive_item, standardise
 from mtl_experiments.data.spec import FeatureSpec
@@ -286,11 +287,10 @@ class MovieLensDataModule(InteractionDataModule):
                         f"{len(GENRES)} genres), got num_classes={task.num_classes}; leave it unset."
                     )
                 task.num_classes = NUM_GENRE_CLASSES
-        if not 1 <= int(interest_top_k) <= len(GENRES):
-            raise ConfigError(f"data.interest_top_k must lie in [1, {len(GENRES)}] (genres), got {interest_top_k}.")
-        if not 1 <= float(like_threshold) <= 5:
-            raise ConfigError(f"data.like_threshold must lie in [1, 5] (stars), got {like_threshold}.")
-        self.like_threshold, self.interest_top_k, self.encoding = float(like_threshold), int(interest_top_k), encoding
+        self.interest_top_k = checks.integer("data.interest_top_k", interest_top_k, low=1, high=len(GENRES),
+                                             hint="a number of genres")  # fmt: skip
+        self.like_threshold = checks.number("data.like_threshold", like_threshold, low=1, high=5, hint="stars")
+        self.encoding = encoding
 
     def preprocessing_config(self) -> dict:
         """Everything that changes the preprocessed tensors (part of the cache key)."""

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from mtl_experiments import checks
 from mtl_experiments.data.spec import ItemInfo, LabelType, as_labels
-from mtl_experiments.errors import ConfigError, DataError
+from mtl_experiments.errors import DataError
 
 
 class Task:
@@ -46,12 +47,11 @@ class Task:
     def __init__(self, name: str, label: str | None = None, observed_if: str | None = None):
         self.name = name
         self.label = label or name  # the data column this task reads; datasets may ignore it
-        if observed_if is not None and (not isinstance(observed_if, str) or not observed_if.isidentifier()):
-            raise ConfigError(
-                f"Task '{name}': observed_if must be the name of a binary task of the same config, got {observed_if!r}."
-            )
-        if observed_if == name:
-            raise ConfigError(f"Task '{name}': observed_if names the task itself; name another (binary) task.")
+        if observed_if is not None and (
+            not isinstance(observed_if, str) or not observed_if.isidentifier() or observed_if == name
+        ):
+            checks.fail(f"data.tasks.{name}.observed_if", "the name of another binary task of the same config",
+                        observed_if)  # fmt: skip
         self.observed_if = observed_if
 
     def encode_labels(self, values: np.ndarray | Tensor) -> Tensor:
