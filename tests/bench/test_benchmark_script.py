@@ -14,10 +14,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from mtl_experiments.bench import build, rechub, sparse_scale
 from mtl_experiments.errors import ConfigError
 from tests.conftest import compose_cfg
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark.py"
 
 
 def test_benchmark_script_writes_rates_and_ratios(tmp_path):
@@ -115,7 +116,7 @@ def test_census_mode_measures_plain_lightning_and_rechub_or_says_why(tmp_path, c
     assert {"plain", "lightning"} <= set(result["samples_per_s"])
     assert not {"lightning_no_train_metrics", "plain_dataloader"} & set(result["samples_per_s"])
     assert "ratio lightning/plain" in proc.stdout
-    if _load_script().rechub_missing() is None:
+    if rechub.rechub_missing() is None:
         assert set(result["samples_per_s"]) == {"plain", "lightning", "rechub"} and result["skipped"] == {}
         assert result["ratios"]["lightning/rechub"] > 0 and "ratio lightning/rechub" in proc.stdout
         assert result["parameters"]["rechub"] > 0
@@ -127,12 +128,11 @@ def test_census_mode_measures_plain_lightning_and_rechub_or_says_why(tmp_path, c
 
 def test_rechub_contender_trains_its_mmoe_on_the_same_tensors_and_sizes(tmp_path, census_root):
     pytest.importorskip("torch_rechub", reason="optional benchmark contender: pip install torch-rechub")
-    bench = _load_script()
     cfg = compose_cfg(["experiment=census_mmoe", f"data.root={census_root}", f"data.cache_dir={tmp_path / 'cache'}"])
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
-    trainer, loader = bench.build_rechub(cfg, datamodule)
-    ours = bench.build_model(cfg, datamodule)
+    trainer, loader = rechub.build_rechub(cfg, datamodule)
+    ours = build.build_model(cfg, datamodule)
 
     model = trainer.model
     assert model.input_dims == ours.encoder.output_dim  # same columns, embedding dims and numeric inputs
@@ -158,12 +158,11 @@ def test_rechub_contender_trains_its_mmoe_on_the_same_tensors_and_sizes(tmp_path
 
 def test_rechub_needs_the_mmoe_backbone(tmp_path):
     pytest.importorskip("torch_rechub", reason="optional benchmark contender: pip install torch-rechub")
-    bench = _load_script()
     cfg = compose_cfg(["data.num_samples=300", "backbone=shared_bottom"])
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
     with pytest.raises(ConfigError, match="needs backbone=mmoe"):
-        bench.build_rechub(cfg, datamodule)
+        rechub.build_rechub(cfg, datamodule)
 
 
 def test_one_vs_many_compares_one_model_with_one_per_task(tmp_path, census_root):
@@ -244,9 +243,8 @@ def test_sparse_scale_reports_step_time_memory_and_ratios_per_mode(tmp_path):
 
 
 def test_sparse_scale_model_has_sparse_tables_only_in_sparse_mode():
-    bench = _load_script()
     for sparse in (False, True):
-        model, optimizer = bench.sparse_scale_model(50, sparse=sparse)
+        model, optimizer = sparse_scale.sparse_scale_model(50, sparse=sparse)
         ids = torch.randint(1, 51, (8, 2))
         torch.nn.functional.binary_cross_entropy_with_logits(model({"categorical": ids}), torch.ones(8)).backward()
         grads = [p.grad.is_sparse for p in model[0].parameters()]

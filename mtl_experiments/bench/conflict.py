@@ -1,0 +1,91 @@
+"""The cost of the task-conflict metrics (``--conflict``), measured two ways, all contenders interleaved.
+
+- Whole fits: the Lightning path with ``module.conflict`` as configured (every 50 steps by default; 50 if the
+  config turns it off) against the same run with ``module.conflict.every_n_steps=0`` (and no affinity); the
+  overhead is median samples/s off / on - 1. The direct answer, but a few % is within a shared machine's
+  run-to-run noise.
+- One measurement: ms per training step with the metrics measured (and logged) at every step against never,
+  both logging every step. Divided by ``every`` x the step time without metrics it estimates the overhead at
+  that cadence from many more measurements, so it is far less noisy.
+
+Use ``loss=...`` to measure it under a method (a gradient method already computes the gradients the metrics
+reuse; ``equal`` is the worst case).
+"""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mtl_experiments.bench.build import compose_config, lightning_fit, load_data, step_ms, with_conflict
+from mtl_experiments.bench.timing import interleaved, medians
+from mtl_experiments.data.spec import num_rows
+
+CONFLICT_ON = "conflict_on"
+CONFLICT_OFF = "conflict_off"
+EVERY_STEP = "measured_every_step"
+NEVER = "never_measured"
+CONFLICT_TARGET = 0.05
+
+
+def report(rates: dict[str, list[float]], ms: dict[str, list[float]], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("contender")
+    table.add_column("median", justify="right")
+    table.add_column("runs", justify="right")
+    for name, value in medians(rates).items():
+        table.add_row(name, f"{value:,.0f} samples/s", " ".join(f"{v:,.0f}" for v in rates[name]))
+    for name, value in medians(ms).items():
+        table.add_row(f"{name} (log every step)", f"{value:.2f} ms/step", " ".join(f"{v:.2f}" for v in ms[name]))
+    Console(width=120).print(table)
+
+
+def run(overrides: list[str], epochs: int, repeats: int) -> dict:
+    """The conflict metrics' cost, whole fits on against off and per measurement; prints the table and the
+    overheads and returns the numbers ``--json`` writes."""
+    cfg = compose_config(overrides)
+    datamodule = load_data(cfg)
+    rows = num_rows(datamodule.splits["train"])
+    every = (cfg.module.get("conflict") or {}).get("every_n_steps") or 50
+    on_cfg, off_cfg, each_cfg = with_conflict(cfg, every), with_conflict(cfg, 0), with_conflict(cfg, 1)
+    fits = {CONFLICT_ON: on_cfg, CONFLICT_OFF: off_cfg}
+    steps = {EVERY_STEP: each_cfg, NEVER: off_cfg}
+    for run_cfg in fits.values():  # warm-up, untimed
+        lightning_fit(run_cfg, datamodule, 1)
+    for run_cfg in steps.values():
+        step_ms(run_cfg, datamodule, 1, log_every_n_steps=1)
+    runs = {name: (lambda c=c: epochs * rows / lightning_fit(c, datamodule, epochs)) for name, c in fits.items()}
+    runs |= {name: (lambda c=c: step_ms(c, datamodule, epochs, log_every_n_steps=1)) for name, c in steps.items()}
+    values = interleaved(runs, repeats)  # per round: the two fits, then the two step timings
+    rates, ms = {name: values[name] for name in fits}, {name: values[name] for name in steps}
+    median, ms_median = medians(rates), medians(ms)
+    overhead = median[CONFLICT_OFF] / median[CONFLICT_ON] - 1
+    per_measurement_ms = ms_median[EVERY_STEP] - ms_median[NEVER]
+    estimate = per_measurement_ms / (every * 1e3 * datamodule.batch_size / median[CONFLICT_OFF])
+    report(
+        rates,
+        ms,
+        f"conflict metrics every {every} steps vs off: {rows} train rows, batch {datamodule.batch_size}, "
+        f"loss {cfg.loss._target_.rsplit('.', 1)[-1]}, {epochs} epoch(s) x {repeats} round(s)",
+    )
+    print(f"conflict metrics overhead (whole fits) = {overhead:+.1%} (median off / on - 1; target <= 5%)")
+    print(
+        f"one measurement costs {per_measurement_ms:+.2f} ms: estimated overhead every {every} steps = {estimate:+.1%}"
+    )
+    return {
+        "overrides": overrides,
+        "every_n_steps": every,
+        "train_rows": rows,
+        "epochs": epochs,
+        "repeats": repeats,
+        "num_threads": torch.get_num_threads(),
+        "samples_per_s": median,
+        "runs_samples_per_s": rates,
+        "overhead": overhead,
+        "ms_per_step": ms_median,
+        "runs_ms_per_step": ms,
+        "ms_per_measurement": per_measurement_ms,
+        "estimated_overhead": estimate,
+        "target_overhead": CONFLICT_TARGET,
+    }

@@ -1,0 +1,232 @@
+"""Training throughput of the Lightning path against a plain PyTorch loop on the same model and data.
+
+What is measured (samples/s = epochs x train rows / wall seconds), all in one process, on the model,
+data and optimizer that ``conf/train.yaml`` plus the overrides build:
+
+- ``plain``: a bare loop over the train split, one batch per gather after a ``randperm`` (what
+  ``TensorBatchLoader`` does): forward, per-task ``task.loss``, sum, ``zero_grad``, backward,
+  optimizer step. No metrics, no logging. This is the reference (ratio 1.0).
+- ``lightning``: ``MTLModule`` as configured (``module.train_metrics`` as you have it) trained by
+  ``Trainer.fit`` over the datamodule's ``TensorBatchLoader``; only ``trainer.fit`` is timed. No
+  logger, no checkpointing, no progress bar, no validation.
+- ``lightning_no_train_metrics``: the same with ``module.train_metrics=false``, so the cost of the
+  per-step train metric updates is visible (skipped when the config already turns them off).
+- ``plain_dataloader``: the plain loop fed by a conventional per-sample ``Dataset`` (one
+  ``__getitem__`` per row building the batch dict) and ``DataLoader(batch_size, shuffle=True)`` with
+  default collate: the reason the package serves tabular data a whole batch per index operation.
+- ``rechub`` (``--rechub``, implied by ``--census``): torch-rechub's trainer, see ``bench.rechub``.
+  ``lightning/rechub`` is the ratio its issue asks for (target >= 3x), next to ``lightning/plain``
+  (target >= 0.9x).
+
+The optimizer is the configured one (``optimizer=adam`` by default) over the same parameter groups as
+``MTLModule.configure_optimizers``. The plain loops sum the task losses (equal weighting, the default
+``loss=equal``); the Lightning path uses the configured weighting. After one untimed warm-up epoch per
+contender the contenders run interleaved (``bench.timing``); the table reports the median samples/s of each
+and ratios of medians.
+
+``--census`` is the census setting in one flag: ``experiment=census_mmoe`` (Census-Income, embeddings
+of 4, 8 experts of 16, towers of 8, Adam 1e-3 / 1e-4, batch 1024; 21.3k parameters) and the contenders
+``plain``, ``lightning`` and ``rechub``. The data is read from ``$MTL_CENSUS_ROOT`` (default
+``../shared/data/census-income``); the first load parses the files (~9 s), later ones read the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+
+from mtl_experiments.bench.build import (
+    build_model,
+    build_optimizer,
+    compose_config,
+    lightning_fit,
+    load_data,
+    parameter_count,
+    with_module_option,
+)
+from mtl_experiments.bench.rechub import RECHUB, RECHUB_INSTALL, build_rechub, rechub_fit, rechub_missing
+from mtl_experiments.bench.timing import interleaved, medians
+from mtl_experiments.data.base import TabularDataModule
+from mtl_experiments.data.spec import gather, num_rows
+
+PLAIN = "plain"
+LIGHTNING = "lightning"
+LIGHTNING_NO_METRICS = "lightning_no_train_metrics"
+PLAIN_DATALOADER = "plain_dataloader"
+TARGET_RATIO = 0.9
+RECHUB_TARGET = 3.0
+
+
+def train_step(model, tasks, optimizer, batch: dict) -> None:
+    outputs = model(batch["features"])
+    loss = torch.stack([task.loss(outputs[name], batch["labels"][name]) for name, task in tasks.items()]).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def plain_sliced(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    model, tasks = build_model(cfg, datamodule), datamodule.tasks
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    split, batch_size = datamodule.splits["train"], datamodule.batch_size
+    n = num_rows(split)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        # the same batch order as TensorBatchLoader: its own generator, seeded per epoch
+        g = torch.Generator().manual_seed(datamodule.shuffle_seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        for lo in range(0, n, batch_size):
+            train_step(model, tasks, optimizer, gather(split, order[lo : lo + batch_size]))
+    return time.perf_counter() - start
+
+
+class PerSampleDataset(Dataset):
+    """The conventional map-style dataset: one row per ``__getitem__``, batches built by collate."""
+
+    def __init__(self, split: dict):
+        self.split = split
+
+    def __len__(self) -> int:
+        return num_rows(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        return gather(self.split, i)
+
+
+def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+    model, tasks = build_model(cfg, datamodule), datamodule.tasks
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    loader = DataLoader(
+        PerSampleDataset(datamodule.splits["train"]),
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(datamodule.shuffle_seed),
+    )
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            train_step(model, tasks, optimizer, batch)
+    return time.perf_counter() - start
+
+
+def contenders(
+    cfg: DictConfig, datamodule: TabularDataModule, rechub: bool, census: bool
+) -> tuple[dict[str, Callable[[int], float]], dict[str, int], dict[str, str]]:
+    """The timed runs (epochs -> seconds), the parameter counts, and why a contender is skipped."""
+    runs: dict[str, Callable[[int], float]] = {
+        PLAIN: lambda e: plain_sliced(cfg, datamodule, e),
+        LIGHTNING: lambda e: lightning_fit(cfg, datamodule, e),
+    }
+    if not census:
+        if cfg.module.get("train_metrics", True):
+            no_metrics_cfg = with_module_option(cfg, "train_metrics", False)
+            runs[LIGHTNING_NO_METRICS] = lambda e: lightning_fit(no_metrics_cfg, datamodule, e)
+        runs[PLAIN_DATALOADER] = lambda e: plain_dataloader(cfg, datamodule, e)
+    skipped: dict[str, str] = {}
+    parameters = {"ours": parameter_count(build_model(cfg, datamodule))}  # plain and lightning
+    if rechub or census:
+        missing = rechub_missing()
+        if missing:
+            skipped[RECHUB] = f"{missing}; install it in the benchmark's environment: {RECHUB_INSTALL}"
+        else:
+            parameters[RECHUB] = parameter_count(build_rechub(cfg, datamodule)[0].model)  # checks the config too
+            runs[RECHUB] = lambda e: rechub_fit(cfg, datamodule, e)
+    return runs, parameters, skipped
+
+
+def measure(
+    runs: dict[str, Callable[[int], float]], epochs: int, repeats: int, samples_per_epoch: int
+) -> dict[str, list[float]]:
+    """One untimed 1-epoch warm-up each, then ``repeats`` interleaved rounds; samples/s per run."""
+    for run in runs.values():
+        run(1)
+    rates = {name: (lambda run=run: epochs * samples_per_epoch / run(epochs)) for name, run in runs.items()}
+    return interleaved(rates, repeats)
+
+
+def summarize(rates: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    median = medians(rates)
+    ratios = {f"{name}/{PLAIN}": median[name] / median[PLAIN] for name in median if name != PLAIN}
+    if RECHUB in median:
+        ratios[f"{LIGHTNING}/{RECHUB}"] = median[LIGHTNING] / median[RECHUB]
+    return median, ratios
+
+
+def report(rates: dict[str, list[float]], median: dict[str, float], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("contender", no_wrap=True)
+    table.add_column("median samples/s", justify="right")
+    table.add_column(f"/ {PLAIN}", justify="right")
+    table.add_column("best samples/s", justify="right")
+    table.add_column("runs (samples/s)", justify="right")
+    for name, values in rates.items():
+        ratio = median[name] / median[PLAIN]
+        runs = " ".join(f"{v:,.0f}" for v in values)
+        table.add_row(name, f"{median[name]:,.0f}", f"{ratio:.2f}", f"{max(values):,.0f}", runs)
+    Console(width=max(120, len(title))).print(table)
+
+
+def print_ratios(result: dict, census: bool) -> None:
+    """The lines under the table: skipped contenders, parameter counts, the ratios and their targets."""
+    median, ratios, parameters = result["samples_per_s"], result["ratios"], result["parameters"]
+    if LIGHTNING_NO_METRICS not in median and not census:
+        print("(module.train_metrics is already false: the lightning row has no train metrics)")
+    for name, reason in result["skipped"].items():
+        print(f"{name}: skipped ({reason})")
+    if RECHUB in parameters:
+        print(
+            f"parameters: ours {parameters['ours']:,}, torch-rechub's MMOE {parameters[RECHUB]:,} "
+            "(its MLP layers add a BatchNorm after every Linear)"
+        )
+    if PLAIN_DATALOADER in median:
+        print(f"ratio {PLAIN_DATALOADER}/{PLAIN} = {ratios[f'{PLAIN_DATALOADER}/{PLAIN}']:.2f} (per-sample loading)")
+    print(f"ratio {LIGHTNING}/{PLAIN} = {ratios[f'{LIGHTNING}/{PLAIN}']:.2f} (target >= {TARGET_RATIO:.2f})")
+    if RECHUB in median:
+        print(f"ratio {LIGHTNING}/{RECHUB} = {ratios[f'{LIGHTNING}/{RECHUB}']:.2f} (target >= {RECHUB_TARGET:.2f})")
+
+
+def run(overrides: list[str], epochs: int, repeats: int, rechub: bool = False, census: bool = False) -> dict:
+    """samples/s of each contender, interleaved; ratios to the plain loop (and lightning/rechub). Prints the
+    table and returns the numbers ``--json`` writes."""
+    cfg = compose_config(overrides)
+    datamodule = load_data(cfg)
+    rows = num_rows(datamodule.splits["train"])
+    runs, parameters, skipped = contenders(cfg, datamodule, rechub, census)
+    rates = measure(runs, epochs, repeats, rows)
+    median, ratios = summarize(rates)
+    title = (
+        f"training throughput: {rows} train rows, batch {datamodule.batch_size}, {epochs} epoch(s) x "
+        f"{repeats} round(s), {torch.get_num_threads()} threads"
+    )
+    report(rates, median, title)
+    result = {
+        "overrides": overrides,
+        "config": {
+            key: OmegaConf.to_container(cfg[key], resolve=True)
+            for key in ("data", "features", "backbone", "loss", "module", "optimizer")
+        },
+        "train_rows": rows,
+        "batch_size": datamodule.batch_size,
+        "epochs": epochs,
+        "repeats": repeats,
+        "num_threads": torch.get_num_threads(),
+        "parameters": parameters,
+        "samples_per_s": median,
+        "best_samples_per_s": {name: max(values) for name, values in rates.items()},
+        "runs_samples_per_s": rates,
+        "ratios": ratios,
+        "target_ratio": TARGET_RATIO,
+        "skipped": skipped,
+    }
+    if RECHUB in median or RECHUB in skipped:
+        result["target_ratio_rechub"] = RECHUB_TARGET
+    print_ratios(result, census)
+    return result
