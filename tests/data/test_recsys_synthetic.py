@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_experiments.data.interactions import next_positive_item
 from mtl_experiments.data.recsys_synthetic import (
     CATEGORICAL,
     DEFAULT_TASKS,
@@ -15,7 +16,6 @@ from mtl_experiments.data.recsys_synthetic import (
     RecsysSyntheticDataModule,
     WorldConfig,
     generate,
-    next_positive_item,
     signal_directions,
 )
 from mtl_experiments.errors import ConfigError
