@@ -1,12 +1,17 @@
-"""The one training step (DESIGN.md §5): weights applied as specified, NaN losses stop the run."""
+"""The one training step (DESIGN.md §5): weights applied as specified, NaN losses stop the run, counters reach
+MLflow whatever the cadence, the module's checkpoint state."""
 
 from __future__ import annotations
 
 import functools
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
 
+from mtl_experiments import checkpoints
 from mtl_experiments.backbone.shared_bottom import SharedBottom
 from mtl_experiments.data.synthetic import SyntheticDataModule
 from mtl_experiments.errors import NonFiniteLossError
@@ -14,6 +19,8 @@ from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.loss.fixed import Fixed
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
+from mtl_experiments.pipeline import train
+from mtl_experiments.tracking import ResilientMLFlowLogger
 from tests.conftest import bare_trainer
 
 TASKS = {"a": {"kind": "binary"}, "b": {"kind": "regression"}}
@@ -68,3 +75,51 @@ def test_nan_loss_stops_training_with_a_clear_message():
         module.model.heads["b"].bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"task\(s\) \{'b': nan\}.*lower the learning rate"):
         run_steps(module, dm, steps=3)
+
+
+# -- counters whatever the logging cadence ---------------------------------------------------------------
+class NaNLabels(pl.Callback):
+    """NaN labels for task ``y1`` in the run's training batch number ``batch`` (counted from 0)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            batch["labels"]["y1"].fill_(float("nan"))
+
+
+def test_nonfinite_skipped_reaches_mlflow_at_each_epoch_end_and_in_the_summary(make_cfg, mlflow_runs, tracking_uri):
+    # 25 steps per epoch, fewer than log_every_n_steps=50: Lightning writes no step-level value in this run
+    nan = ["+callbacks.nan._target_=tests.module.test_module.NaNLabels", "+callbacks.nan.batch=3"]
+    train(make_cfg("module.nonfinite=skip", "trainer.log_every_n_steps=50", "trainer.max_epochs=2", *nan))
+    (run,) = mlflow_runs()
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/nonfinite_skipped")
+    # after epoch 0 (24 optimizer steps: one batch skipped), after epoch 1, and the run summary
+    assert sorted((m.step, m.value) for m in history) == [(24, 1.0), (49, 1.0), (49, 1.0)]
+    assert run.data.metrics["train/nonfinite_skipped"] == 1.0
+
+
+# -- checkpoint state ------------------------------------------------------------------------------------
+def test_checkpoint_state_carries_the_run_config_and_checkpoint_meta():
+    module, dm = setup_module_and_batch()
+    run_steps(module, dm, steps=2)
+    module.run_config = "seed: 0\n"
+    module.checkpoint_meta = {"config_hash": "abc123", "recipe": {"loss": "fixed"}}
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    state = checkpoint["mtl"]
+    assert state["config"] == "seed: 0\n" and state["mlflow_run_id"] is None and state["nonfinite"] == [0, 0]
+    assert state["config_hash"] == "abc123" and state["recipe"] == {"loss": "fixed"}
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "random"}
+    assert state["train_outputs"] is None  # fit ended the epoch: no train outputs are pending
+
+
+def test_saving_a_checkpoint_never_creates_an_mlflow_run(tracking_uri):
+    ours = ResilientMLFlowLogger(experiment_name="e", tracking_uri=tracking_uri)
+    assert checkpoints.logger_run_id([ours]) is None and not ours.started  # not started: not asked
+    plain = MLFlowLogger(experiment_name="e", tracking_uri=tracking_uri)
+    plain.log_metrics({"x": 1.0}, step=0)  # the run exists once something was logged
+    assert checkpoints.logger_run_id([plain]) == plain.run_id
+    assert checkpoints.logger_run_id([]) is None
+    assert len(MlflowClient(tracking_uri).search_runs([plain.experiment_id])) == 1
