@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from mtl_experiments import checks
+
 if TYPE_CHECKING:
     from mtl_experiments.tasks import Task
 
@@ -24,6 +26,16 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], dropout: float = 0.0, activatio
 
 def mlp_output_dim(in_dim: int, hidden_dims: Sequence[int]) -> int:
     return hidden_dims[-1] if len(hidden_dims) else in_dim
+
+
+def check_options(dropout: float, activation: str, tower_dims: Sequence[int] = ()) -> list[int]:
+    """The options every backbone's MLPs share, checked (``backbone.<key>`` named): dropout in [0, 1), a torch.nn
+    activation class name, tower sizes (possibly empty). Returns the tower sizes as ints."""
+    checks.fraction("backbone.dropout", dropout, open_high=True)
+    act = getattr(nn, str(activation), None)
+    if not (isinstance(act, type) and issubclass(act, nn.Module)):
+        checks.fail("backbone.activation", "a torch.nn activation class name", activation, hint="e.g. ReLU, GELU, SiLU")
+    return checks.sizes("backbone.tower_dims", tower_dims, allow_empty=True)
 
 
 class Backbone(nn.Module):

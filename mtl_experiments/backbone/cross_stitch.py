@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp, mlp_output_dim
 
 
 class CrossStitch(Backbone):
@@ -47,19 +47,9 @@ class CrossStitch(Backbone):
         activation: str = "ReLU",
     ):
         super().__init__(input_dim, task_names)
-        if not column_dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in column_dims):
-            raise ConfigError(
-                f"backbone.column_dims must be a non-empty list of positive sizes (one stitch after each), "
-                f"got {column_dims}."
-            )
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in tower_dims):
-            raise ConfigError(f"backbone.tower_dims must be a list of positive sizes, got {tower_dims}.")
-        if isinstance(alpha_self, bool) or not isinstance(alpha_self, (int, float)) or not 0.0 <= alpha_self <= 1.0:
-            raise ConfigError(f"backbone.alpha_self must be a number in [0, 1], got {alpha_self!r}.")
-        if not isinstance(getattr(nn, str(activation), None), type):
-            raise ConfigError(f"backbone.activation={activation!r} is not a torch.nn class (e.g. ReLU, GELU).")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ConfigError(f"backbone.dropout must be in [0, 1), got {dropout!r}.")
+        column_dims = checks.sizes("backbone.column_dims", column_dims, hint="one cross-stitch unit after each")
+        tower_dims = check_options(dropout, activation, tower_dims)
+        alpha_self = checks.fraction("backbone.alpha_self", alpha_self)
         T = len(self.task_names)
         dims = [input_dim, *column_dims]
         self.columns = nn.ModuleDict(
@@ -68,7 +58,7 @@ class CrossStitch(Backbone):
                 for t in self.task_names
             }
         )
-        self.alphas = nn.ParameterList(nn.Parameter(self.initial_alpha(T, float(alpha_self))) for _ in column_dims)
+        self.alphas = nn.ParameterList(nn.Parameter(self.initial_alpha(T, alpha_self)) for _ in column_dims)
         out = column_dims[-1]
         self.towers = nn.ModuleDict({t: mlp(out, tower_dims, dropout, activation) for t in self.task_names})
         self.output_dim = mlp_output_dim(out, tower_dims)

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp
-from mtl_experiments.backbone.experts import check_common
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.tasks import Task
 
@@ -65,9 +65,8 @@ class ESMM(Backbone):
             raise ConfigError(f"backbone.ctr_task and backbone.ctcvr_task must differ, both are {ctr_task!r}.")
         self.ctr_task, self.ctcvr_task = str(ctr_task), str(ctcvr_task)
         self._check_task_names(self.task_names)
-        if not tower_dims:
-            raise ConfigError("esmm needs at least one tower layer (backbone.tower_dims), e.g. [128, 64, 32].")
-        check_common(dropout, activation, tower_dims)
+        tower_dims = checks.sizes("backbone.tower_dims", tower_dims, hint="esmm's towers, e.g. [128, 64, 32]")
+        check_options(dropout, activation)
         self.ctr_tower = mlp(input_dim, tower_dims, dropout, activation)
         self.cvr_tower = mlp(input_dim, tower_dims, dropout, activation)
         self.output_dim = int(tower_dims[-1])

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp, mlp_output_dim
 
 
 class Experts(nn.Module):
@@ -37,13 +37,9 @@ class Experts(nn.Module):
         activation: str = "ReLU",
     ):
         super().__init__()
-        if int(num_experts) < 1:
-            raise ConfigError(f"backbone.num_experts must be at least 1, got {num_experts}.")
-        if not hidden_dims or any(int(d) < 1 for d in hidden_dims):
-            raise ConfigError(f"backbone.expert_dims must be a non-empty list of positive sizes, got {hidden_dims}.")
-        check_common(dropout, activation)
-        self.num_experts = int(num_experts)
-        self.hidden_dims = [int(d) for d in hidden_dims]
+        self.num_experts = checks.positive_int("backbone.num_experts", num_experts)
+        self.hidden_dims = checks.sizes("backbone.expert_dims", hidden_dims)
+        check_options(dropout, activation)
         self.output_dim = self.hidden_dims[-1]
         dims = [in_dim, *self.hidden_dims]
         pairs = zip(dims[:-1], dims[1:], strict=True)
@@ -62,17 +58,6 @@ class Experts(nn.Module):
             h = torch.einsum("bei,eoi->beo", h, w) + layer.bias.view(E, -1)
             h = self.dropout(self.act(h))
         return h
-
-
-def check_common(dropout: float, activation: str, tower_dims: Sequence[int] = ()) -> None:
-    """ConfigError naming ``backbone.<key>`` for a dropout outside [0, 1), an unknown activation or a bad tower size."""
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ConfigError(f"backbone.dropout must be in [0, 1), got {dropout}.")
-    act = getattr(nn, str(activation), None)
-    if not (isinstance(act, type) and issubclass(act, nn.Module)):
-        raise ConfigError(f"backbone.activation must name a torch.nn activation class (e.g. ReLU), got {activation!r}.")
-    if any(int(d) < 1 for d in tower_dims):
-        raise ConfigError(f"backbone.tower_dims must hold positive sizes, got {list(tower_dims)}.")
 
 
 def gate(in_dim: int, num_experts: int) -> nn.Sequential:
@@ -104,7 +89,7 @@ class ExpertsBackbone(Backbone):
         activation: str = "ReLU",
     ):
         super().__init__(input_dim, task_names)
-        check_common(dropout, activation, tower_dims)
+        tower_dims = check_options(dropout, activation, tower_dims)
         self.experts = Experts(input_dim, num_experts, expert_dims, dropout, activation)
         # the gates between the experts and the towers: a seed initialises the same parameters as it always did
         self.add_gates(input_dim, self.experts.num_experts)

@@ -20,21 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp, mlp_output_dim
 from mtl_experiments.backbone.experts import Experts, gate, mix
-from mtl_experiments.errors import ConfigError
-
-
-def _positive_int(value, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"backbone.{key} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _activation(name: str) -> str:
-    if not isinstance(getattr(nn, str(name), None), type):
-        raise ConfigError(f"backbone.activation={name!r} is not a torch.nn class (e.g. ReLU, GELU, SiLU).")
-    return name
 
 
 class ExtractionLevel(nn.Module):
@@ -114,16 +102,11 @@ class PLE(Backbone):
         activation: str = "ReLU",
     ):
         super().__init__(input_dim, task_names)
-        self.num_levels = _positive_int(num_levels, "num_levels")
-        self.num_shared_experts = _positive_int(num_shared_experts, "num_shared_experts")
-        self.num_task_experts = _positive_int(num_task_experts, "num_task_experts")
-        _activation(activation)
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ConfigError(f"backbone.dropout must be in [0, 1), got {dropout!r}.")
-        if not expert_dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in expert_dims):
-            raise ConfigError(f"backbone.expert_dims must be a non-empty list of positive sizes, got {expert_dims}.")
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in tower_dims):
-            raise ConfigError(f"backbone.tower_dims must be a list of positive sizes, got {tower_dims}.")
+        self.num_levels = checks.positive_int("backbone.num_levels", num_levels)
+        self.num_shared_experts = checks.positive_int("backbone.num_shared_experts", num_shared_experts)
+        self.num_task_experts = checks.positive_int("backbone.num_task_experts", num_task_experts)
+        tower_dims = check_options(dropout, activation, tower_dims)
+        expert_dims = checks.sizes("backbone.expert_dims", expert_dims)
         levels = []
         in_dim = input_dim
         for j in range(self.num_levels):
@@ -131,8 +114,8 @@ class PLE(Backbone):
             level = ExtractionLevel(
                 in_dim,
                 self.task_names,
-                num_shared_experts,
-                num_task_experts,
+                self.num_shared_experts,
+                self.num_task_experts,
                 expert_dims,
                 dropout,
                 activation,

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp, mlp_output_dim
 
 
 class SharedBottom(Backbone):
@@ -24,8 +24,8 @@ class SharedBottom(Backbone):
         activation: str = "ReLU",
     ):
         super().__init__(input_dim, task_names)
-        if not bottom_dims:
-            raise ConfigError("shared_bottom needs at least one bottom layer (backbone.bottom_dims).")
+        bottom_dims = checks.sizes("backbone.bottom_dims", bottom_dims, hint="the shared MLP's layer sizes")
+        tower_dims = check_options(dropout, activation, tower_dims)
         self.bottom = mlp(input_dim, bottom_dims, dropout, activation)
         bottom_out = mlp_output_dim(input_dim, bottom_dims)
         self.towers = nn.ModuleDict({t: mlp(bottom_out, tower_dims, dropout, activation) for t in self.task_names})

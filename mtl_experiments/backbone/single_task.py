@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mtl_experiments.backbone.base import Backbone, mlp, mlp_output_dim
+from mtl_experiments import checks
+from mtl_experiments.backbone.base import Backbone, check_options, mlp, mlp_output_dim
 
 
 class SingleTask(Backbone):
@@ -23,6 +24,8 @@ class SingleTask(Backbone):
         activation: str = "ReLU",
     ):
         super().__init__(input_dim, task_names)
+        hidden_dims = checks.sizes("backbone.hidden_dims", hidden_dims, allow_empty=True)
+        check_options(dropout, activation)
         self.nets = nn.ModuleDict({t: mlp(input_dim, hidden_dims, dropout, activation) for t in self.task_names})
         self.output_dim = mlp_output_dim(input_dim, hidden_dims)
         self.last_shared_layer = None

@@ -106,6 +106,7 @@ def test_shared_parameters_exclude_towers_and_per_task_gates():
     ("kw", "key"),
     [
         ({"num_experts": 0}, "backbone.num_experts"),
+        ({"num_experts": 2.5}, r"backbone.num_experts must be an integer >= 1, got 2.5"),  # was silently 2
         ({"expert_dims": []}, "backbone.expert_dims"),
         ({"expert_dims": [4, 0]}, "backbone.expert_dims"),
         ({"tower_dims": [0]}, "backbone.tower_dims"),

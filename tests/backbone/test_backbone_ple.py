@@ -134,6 +134,7 @@ def test_cross_stitch_initial_alphas_are_convex_rows(num_tasks):
     ("cls", "kwargs", "key"),
     [
         (PLE, dict(num_levels=0), "backbone.num_levels"),
+        (PLE, dict(num_levels=1.5), "backbone.num_levels"),
         (PLE, dict(num_shared_experts=0), "backbone.num_shared_experts"),
         (CGC, dict(num_task_experts=0), "backbone.num_task_experts"),
         (CGC, dict(expert_dims=[]), "backbone.expert_dims"),
