@@ -36,7 +36,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
 
 RESCALE = (0, 1, 2)
@@ -72,14 +72,9 @@ class CAGrad(GradientAggregation):
 
     def __init__(self, c: float = 0.4, rescale: int = 1, grad_source: str = "params"):
         super().__init__(grad_source=grad_source)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-            raise ConfigError(f"loss.c must be a finite number >= 0 (the paper uses c in [0, 1)), got {c!r}.")
-        if rescale not in RESCALE or isinstance(rescale, bool):
-            raise ConfigError(
-                f"loss.rescale must be one of {list(RESCALE)} (0: none, 1: divide by 1+c², 2: divide by 1+c), "
-                f"got {rescale!r}."
-            )
-        self.c, self.rescale = float(c), int(rescale)
+        self.c = checks.non_negative_number("loss.c", c, hint="the paper uses c in [0, 1)")
+        hint = "0: none, 1: divide by 1+c², 2: divide by 1+c"
+        self.rescale = checks.integer("loss.rescale", rescale, low=min(RESCALE), high=max(RESCALE), hint=hint)
 
     def _scale(self) -> float:
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]

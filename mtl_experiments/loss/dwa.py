@@ -16,13 +16,12 @@ same epoch means as one process on the whole data would.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import LossWeighting
 from mtl_experiments.tasks import Task
 
@@ -30,17 +29,8 @@ from mtl_experiments.tasks import Task
 class DWA(LossWeighting):
     def __init__(self, temperature: float = 2.0):
         super().__init__()
-        if (
-            not isinstance(temperature, (int, float))
-            or isinstance(temperature, bool)
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ConfigError(
-                f"loss.temperature must be a finite number > 0 (the paper uses 2; larger is closer to equal "
-                f"weights), got {temperature!r}."
-            )
-        self.temperature = float(temperature)
+        hint = "the paper uses 2; larger is closer to equal weights"
+        self.temperature = checks.positive_number("loss.temperature", temperature, hint=hint)
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)

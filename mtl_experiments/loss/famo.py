@@ -34,13 +34,12 @@ never seen by the main optimizer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import LossWeighting
 from mtl_experiments.tasks import Task
 
@@ -49,26 +48,16 @@ ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the authors' cod
 ADAM_EPS = 1e-8
 
 
-def _number(value, name: str, *, positive: bool, hint: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"loss.{name} must be a finite number {bound} ({hint}), got {value!r}.")
-    return float(value)
-
-
 class FAMO(LossWeighting):
     def __init__(self, lr: float = 0.025, gamma: float = 0.001, eps: float = 1e-8, optimizer: str = "adam"):
         super().__init__()
-        self.lr = _number(lr, "lr", positive=False, hint="the logits' step size β; the paper uses 0.025")
-        self.gamma = _number(gamma, "gamma", positive=False, hint="the logits' weight decay γ; the paper uses 1e-3")
-        self.eps = _number(eps, "eps", positive=True, hint="added to each loss inside the log; default 1e-8")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"loss.optimizer must be one of {list(OPTIMIZERS)} (adam: the paper's practical update; "
-                f"sgd: Algorithm 1's plain gradient step), got {optimizer!r}."
-            )
-        self.optimizer = optimizer
+        self.lr = checks.non_negative_number("loss.lr", lr, hint="the logits' step size β; the paper uses 0.025")
+        self.gamma = checks.non_negative_number(
+            "loss.gamma", gamma, hint="the logits' weight decay γ; the paper uses 1e-3"
+        )
+        self.eps = checks.positive_number("loss.eps", eps, hint="added to each loss inside the log; default 1e-8")
+        hint = "adam: the paper's practical update; sgd: Algorithm 1's plain gradient step"
+        self.optimizer = checks.choice("loss.optimizer", optimizer, OPTIMIZERS, hint=hint)
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)

@@ -6,12 +6,12 @@ Optimization Methods in Deep Learning Even Help?", NeurIPS 2022). Unset weights 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.loss.base import LossWeighting
 from mtl_experiments.tasks import Task
@@ -30,15 +30,14 @@ class Fixed(LossWeighting):
                 f"loss.weights names unknown task(s) {unknown}; the tasks are {self.task_names} "
                 "(e.g. loss.weights={" + ",".join(f"{t}:1.0" for t in self.task_names) + "})."
             )
-        values = {t: self.weights_cfg.get(t, 1.0) for t in self.task_names}
-        for t, w in values.items():
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-                raise ConfigError(f"loss.weights.{t} must be a finite number >= 0, got {w!r}.")
+        values = {
+            t: checks.non_negative_number(f"loss.weights.{t}", self.weights_cfg.get(t, 1.0)) for t in self.task_names
+        }
         if sum(values.values()) == 0:
             raise ConfigError(
                 "loss.weights are all zero: nothing would be trained; give at least one task a positive weight."
             )
-        self.register_buffer("w", torch.tensor([float(values[t]) for t in self.task_names]))
+        self.register_buffer("w", torch.tensor([values[t] for t in self.task_names]))
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.w.to(losses.dtype)

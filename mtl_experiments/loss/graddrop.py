@@ -38,6 +38,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.grads import gather_batch, local_rows, world_size
 from mtl_experiments.loss.base import GradientAggregation, effective_weights, run_seed
@@ -73,12 +74,9 @@ class GradDrop(GradientAggregation):
         unknown = sorted(set(self.leak_cfg) - set(self.task_names))
         if unknown:
             raise ConfigError(f"loss.leak names unknown task(s) {unknown}; the tasks are {self.task_names}.")
-        for name, value in self.leak_cfg.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(
-                    f"loss.leak.{name} must be in [0, 1] (0: full GradDrop, 1: passes unchanged), got {value!r}."
-                )
-        self.register_buffer("leak", torch.tensor([float(self.leak_cfg.get(t, 0.0)) for t in self.task_names]))
+        hint = "0: full GradDrop, 1: passes unchanged"
+        leak = {name: checks.fraction(f"loss.leak.{name}", value, hint=hint) for name, value in self.leak_cfg.items()}
+        self.register_buffer("leak", torch.tensor([leak.get(t, 0.0) for t in self.task_names]))
 
     def task_grad_inputs(self, model) -> list[Tensor]:
         inputs = super().task_grad_inputs(model)

@@ -14,8 +14,9 @@ The model is updated by ∇(Σ_t w_t·L_t) with the weights of this step (one re
 updated only by ∇_w L_grad, with its own optimizer, then renormalised so Σ_t w_t = T (Algorithm 1).
 
 Choices the paper leaves open, made here:
-- w's optimizer: ``adam`` (default) or ``sgd``, learning rate ``lr`` = 0.025 as in common public
-  reproductions (the paper gives no value that transfers across models). Adam is the default because
+- w's optimizer: ``optimizer``, any ``torch.optim`` class as a Hydra partial (``_partial_: true``), by
+  default Adam with learning rate 0.025 as in common public reproductions (the paper gives no value
+  that transfers across models). Adam is the default because
   ∇_w L_grad = sign(G_t − target_t)·||∇_W L_t|| scales with the gradient norms on W, which vary by
   orders of magnitude between models; Adam's step (≈ lr on the first step) does not, so one ``lr`` fits all.
 - L_t(0): with ``initial_loss_steps`` = 1 (default) it is the loss of the first step, as in the paper.
@@ -31,13 +32,14 @@ acts as equal weighting, w fixed at 1 (the module warns).
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.loss.base import Weighting
 from mtl_experiments.tasks import Task
@@ -45,7 +47,9 @@ from mtl_experiments.tasks import Task
 if TYPE_CHECKING:
     from mtl_experiments.model import MultiTaskModel
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+DEFAULT_OPTIMIZER = functools.partial(torch.optim.Adam, lr=0.025)  # as conf/loss/gradnorm.yaml
+OPTIMIZER_HINT = "a torch.optim class as a Hydra partial, e.g. {_target_: torch.optim.Adam, _partial_: true, lr: 0.025}"
 
 
 class GradNorm(Weighting):
@@ -55,27 +59,19 @@ class GradNorm(Weighting):
     def __init__(
         self,
         alpha: float = 1.5,
-        lr: float = 0.025,
-        optimizer: str = "adam",
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         initial_loss_steps: int = 1,
         layer: str | None = None,
     ):
         super().__init__()
-        if not _is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
-            raise ConfigError(f"loss.alpha must be a finite number >= 0 (default 1.5), got {alpha!r}.")
-        if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"loss.lr (the learning rate of GradNorm's weights) must be > 0, e.g. 0.025; got {lr!r}.")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"loss.optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
-        if isinstance(initial_loss_steps, bool) or not isinstance(initial_loss_steps, int) or initial_loss_steps < 1:
-            raise ConfigError(
-                "loss.initial_loss_steps must be an integer >= 1 (1 = L(0) is the first step's loss), "
-                f"got {initial_loss_steps!r}."
-            )
+        self.alpha = checks.non_negative_number("loss.alpha", alpha, hint="default 1.5")
+        self.optimizer_factory = optimizer
+        self.optimizer_name, self.lr = check_optimizer(optimizer)
+        hint = "1 = L(0) is the first step's loss"
+        self.initial_loss_steps = checks.positive_int("loss.initial_loss_steps", initial_loss_steps, hint=hint)
         if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ConfigError(f"loss.layer must be null or a module path inside the backbone, got {layer!r}.")
-        self.alpha, self.lr, self.optimizer_name = float(alpha), float(lr), optimizer
-        self.initial_loss_steps, self.layer = initial_loss_steps, layer
+            checks.fail("loss.layer", "null or a module path inside the backbone", layer)
+        self.layer = layer
         self.layer_path: str | None = None  # resolved in setup()
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer_state: dict | None = None  # loaded before the optimizer exists
@@ -161,7 +157,7 @@ class GradNorm(Weighting):
         # moving the module to another device replaces the buffer.
         if self._optimizer is None or self._optimizer.param_groups[0]["params"][0] is not self.w:
             state = self._optimizer.state_dict() if self._optimizer is not None else self._pending_optimizer_state
-            self._optimizer = OPTIMIZERS[self.optimizer_name]([self.w], lr=self.lr)
+            self._optimizer = self.optimizer_factory([self.w])
             if state is not None:
                 self._optimizer.load_state_dict(state)
                 self._optimizer.param_groups[0]["lr"] = self.lr  # the configured lr wins on resume
@@ -198,7 +194,7 @@ class GradNorm(Weighting):
         if state["optimizer"] is not None and state["optimizer_name"] != self.optimizer_name:
             raise ConfigError(
                 f"The checkpoint's GradNorm weights were trained with loss.optimizer={state['optimizer_name']}; "
-                f"resume with the same value (got {self.optimizer_name})."
+                f"resume with the same optimizer class (got {self.optimizer_name})."
             )
         self._steps = int(state["steps"])
         self._loss_sum = None if state["loss_sum"] is None else state["loss_sum"].clone()
@@ -223,8 +219,23 @@ def gradnorm_loss(w: Tensor, norms: Tensor, inverse_rate: Tensor, alpha: float) 
     return weighted, diff.abs().sum(), diff.sign() * w.sign() * norms
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def check_optimizer(factory) -> tuple[str, float]:
+    """``(name, lr)`` of the optimizer ``factory`` builds (a trial on one tensor): the lower-case class name
+    (``adam``, ``sgd``: what checkpoints record) and its learning rate, which must be > 0."""
+    if not callable(factory):
+        checks.fail("loss.optimizer", "an optimizer", factory, hint=OPTIMIZER_HINT)
+    lr_hint = "the learning rate of GradNorm's weights, e.g. 0.025"
+    if "lr" in getattr(factory, "keywords", {}):  # before torch's own check, so the key is named
+        checks.positive_number("loss.optimizer.lr", factory.keywords["lr"], hint=lr_hint)
+    try:
+        trial = factory([torch.zeros(1, requires_grad=True)])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.optimizer could not be built ({e}); it must be {OPTIMIZER_HINT}.") from e
+    if not isinstance(trial, torch.optim.Optimizer):
+        checks.fail("loss.optimizer", "an optimizer", factory, hint=OPTIMIZER_HINT)
+    lr = trial.param_groups[0].get("lr")
+    checks.positive_number("loss.optimizer.lr", lr, hint=lr_hint)
+    return type(trial).__name__.lower(), float(lr)
 
 
 def _shared_layers(backbone: nn.Module, shared: set[int]) -> list[str]:

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation, effective_weights, run_seed
 from mtl_experiments.tasks import Task
 
@@ -47,11 +47,9 @@ class GradVac(GradientAggregation):
         self, beta: float = 0.5, granularity: str = "whole_model", grad_source: str = "params", seed: int | None = None
     ):
         super().__init__(grad_source=grad_source)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-            raise ConfigError(f"loss.beta (the EMA rate of the cosine targets) must be in [0, 1], got {beta!r}.")
-        if granularity not in GRANULARITIES:
-            raise ConfigError(f"loss.granularity must be one of {list(GRANULARITIES)}, got {granularity!r}.")
-        self.beta, self.granularity, self.seed = float(beta), granularity, run_seed(seed)
+        self.beta = checks.fraction("loss.beta", beta, hint="the EMA rate of the cosine targets")
+        self.granularity = checks.choice("loss.granularity", granularity, GRANULARITIES)
+        self.seed = run_seed(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._sizes: list[int] | None = None  # sizes of the components within a row of G
 

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
 from mtl_experiments.tasks import Task
 
@@ -86,13 +86,8 @@ class NashMTL(GradientAggregation):
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, grad_source: str = "params"):
         super().__init__(grad_source=grad_source)
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
-            raise ConfigError(f"loss.max_norm must be a number >= 0 (0 disables the cap), got {max_norm!r}.")
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int):
-            raise ConfigError(f"loss.update_weights_every must be an integer >= 1, got {update_weights_every!r}.")
-        if update_weights_every < 1:
-            raise ConfigError(f"loss.update_weights_every must be an integer >= 1, got {update_weights_every!r}.")
-        self.max_norm, self.update_weights_every = float(max_norm), update_weights_every
+        self.max_norm = checks.non_negative_number("loss.max_norm", max_norm, hint="0 disables the cap")
+        self.update_weights_every = checks.positive_int("loss.update_weights_every", update_weights_every)
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)

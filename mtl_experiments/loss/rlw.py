@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments import checks
 from mtl_experiments.loss.base import LossWeighting, run_seed
 
 SCALES = ("sum_to_one", "num_tasks")
@@ -32,9 +32,7 @@ SCALES = ("sum_to_one", "num_tasks")
 class RLW(LossWeighting):
     def __init__(self, scale: str = "sum_to_one", seed: int | None = None):
         super().__init__()
-        if scale not in SCALES:
-            raise ConfigError(f"loss.scale must be one of {list(SCALES)}, got {scale!r}.")
-        self.scale, self.seed = scale, run_seed(seed)
+        self.scale, self.seed = checks.choice("loss.scale", scale, SCALES), run_seed(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:

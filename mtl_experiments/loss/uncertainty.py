@@ -21,13 +21,13 @@ Reported weights are the multipliers of L_t: 0.5·exp(-s_t) or exp(-s_t).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.loss.base import LossWeighting
 from mtl_experiments.tasks import Task
@@ -44,11 +44,8 @@ class Uncertainty(LossWeighting):
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)
-        init = self.init_log_var
-        if not isinstance(init, (int, float)) or isinstance(init, bool) or not math.isfinite(init):
-            raise ConfigError(f"loss.init_log_var must be a finite number (log σ², e.g. 0.0), got {init!r}.")
-        if not isinstance(self.positive_regularizer, bool):
-            raise ConfigError(f"loss.positive_regularizer must be true or false, got {self.positive_regularizer!r}.")
+        init = checks.number("loss.init_log_var", self.init_log_var, hint="log σ², e.g. 0.0")
+        checks.boolean("loss.positive_regularizer", self.positive_regularizer)
         scales = []
         for name, task in tasks.items():
             loss_type = getattr(task, "loss_type", None)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_experiments.backbone.esmm import ESMM, product_logit
-from mtl_experiments.data.base import FeatureSpec
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.model import MultiTaskModel

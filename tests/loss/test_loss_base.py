@@ -1,88 +1,22 @@
-"""Loss weighting contract, parametrized over every conf/loss/*.yaml, plus hand-computed cases."""
+"""The weighting base classes (loss/base.py): the gradient aggregation written into the shared parameters,
+the two gradient sources, effective weights, the run's seed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.grads import task_gradients
-from mtl_experiments.loss.base import GradientAggregation, Weighting, effective_weights
-from mtl_experiments.tasks import build_tasks
-from tests.conftest import CONF, load_weighting, options
-
-TASKS = build_tasks({"ctr": {"kind": "binary"}, "cvr": {"kind": "binary"}, "watch": {"kind": "regression"}})
-
-
-def weighting(name: str, **overrides) -> Weighting:
-    return load_weighting(name, TASKS, **overrides)
-
-
-def toy_problem():
-    """Three losses that share the parameter ``theta``."""
-    torch.manual_seed(0)
-    theta = torch.randn(4, requires_grad=True)
-    losses = torch.stack([(theta**2).sum(), (theta - 1).abs().sum(), (theta * 3).sin().sum() + 2])
-    return theta, losses
-
-
-@pytest.mark.parametrize("name", options("loss"))
-def test_yaml_points_at_the_file_of_the_same_name(name):
-    target = OmegaConf.load(CONF / "loss" / f"{name}.yaml")._target_
-    # our own methods live in loss/<name>.py; TorchJD's aggregators come through its one adapter file
-    assert target.startswith((f"mtl_experiments.loss.{name}.", "mtl_experiments.loss.torchjd."))
-
-
-@pytest.mark.parametrize("name", options("loss"))
-def test_contract_one_backward_and_weights_per_task(name):
-    w = weighting(name)
-    theta, losses = toy_problem()
-    calls = []
-
-    def backward_fn(total):
-        calls.append(total)
-        total.backward()
-
-    grads = task_gradients(losses, [theta]) if w.needs_task_grads else None
-    weights = w.backward(losses, grads, [theta], backward_fn)
-    assert len(calls) == 1, "exactly one real backward per step"
-    assert weights.shape == (3,) and torch.isfinite(weights).all() and not weights.requires_grad
-    assert theta.grad is not None and torch.isfinite(theta.grad).all()
-
-
-def test_equal_is_the_sum_of_losses():
-    theta, losses = toy_problem()
-    total, weights = weighting("equal")(losses)
-    assert torch.equal(weights, torch.ones(3))
-    assert total.item() == pytest.approx(losses.sum().item())
-
-
-def test_fixed_by_hand():
-    theta, losses = toy_problem()
-    w = weighting("fixed", weights={"ctr": 2.0, "watch": 0.5})  # cvr unset -> 1
-    total, weights = w(losses)
-    assert weights.tolist() == [2.0, 1.0, 0.5]
-    assert total.item() == pytest.approx(2 * losses[0].item() + losses[1].item() + 0.5 * losses[2].item())
-    w.backward(losses, None, [theta], lambda t: t.backward())
-    theta2, losses2 = toy_problem()
-    expected = torch.autograd.grad(2 * losses2[0] + losses2[1] + 0.5 * losses2[2], theta2)[0]
-    assert torch.allclose(theta.grad, expected)
-
-
-@pytest.mark.parametrize(
-    ("weights", "message"),
-    [
-        ({"ctr": 1.0, "clicks": 1.0}, r"unknown task\(s\) \['clicks'\]; the tasks are \['ctr', 'cvr', 'watch'\]"),
-        ({"ctr": -0.5}, r"loss.weights.ctr must be a finite number >= 0"),
-        ({"ctr": float("nan")}, r"loss.weights.ctr must be a finite number >= 0"),
-        ({"ctr": "high"}, r"loss.weights.ctr must be a finite number >= 0"),
-        ({"ctr": 0.0, "cvr": 0.0, "watch": 0.0}, "all zero"),
-    ],
-)
-def test_fixed_rejects_bad_weights(weights, message):
-    with pytest.raises(ConfigError, match=message):
-        weighting("fixed", weights=weights)
+from mtl_experiments.loss.base import GradientAggregation, effective_weights
+from tests.conftest import compose_cfg
+from tests.loss.helpers import F64 as D
+from tests.loss.helpers import THREE, ill_conditioned, method, toy_problem
+from tests.loss.helpers import method as load
 
 
 class MeanAggregation(GradientAggregation):
@@ -125,3 +59,78 @@ def test_effective_weights_recover_a_weighted_sum():
     g = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]], dtype=torch.float64)
     w = torch.tensor([0.3, 1.7], dtype=torch.float64)
     assert torch.allclose(effective_weights(g, w @ g), w)
+
+
+METHODS = ["upgrad", "mgda", "imtl", "aligned_mtl"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_yaml_instantiates_with_both_gradient_sources(name):
+    for source in ("params", "representation"):
+        w = load(name, grad_source=source)
+        assert isinstance(w, GradientAggregation) and w.needs_task_grads and w.grad_source == source
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_gradient_source_is_a_config_error(name):
+    with pytest.raises(ConfigError, match="loss.grad_source"):
+        load(name, grad_source="embeddings")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_reproducible(name):
+    g = ill_conditioned(0, 3, 7).float()
+    first, second = load(name).aggregate(g), load(name).aggregate(g)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_representation_source_backpropagates_the_weighted_losses(name):
+    """MGDA-UB style: weights come from gradients of the shared representation h; backward of Σ w_t L_t."""
+    torch.manual_seed(0)
+    shared, heads = torch.nn.Linear(3, 4), torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(2)])
+    x = torch.randn(8, 3)
+
+    def losses():
+        h = shared(x)
+        return h, torch.stack([heads[0](h).square().mean(), (heads[1](h) - 3).abs().mean()])
+
+    w = load(name, grad_source="representation")
+    h, task_losses = losses()
+    weights = w.backward(
+        task_losses, task_gradients(task_losses, [h]), list(shared.parameters()), torch.Tensor.backward
+    )
+    _, again = losses()
+    expected = torch.autograd.grad((weights * again).sum(), shared.weight)[0]
+    assert torch.allclose(shared.weight.grad, expected)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop", "gradvac"])
+def test_randomised_methods_take_the_runs_seed(name):
+    cfg = compose_cfg([f"loss={name}", "seed=7"])
+    GlobalHydra.instance().clear()
+    assert instantiate(cfg.loss, _convert_="all").seed == 7
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop", "gradvac", "cagrad", "nash_mtl"])
+@pytest.mark.parametrize("grad_source", ["params", "representation"])
+def test_backward_writes_the_update_into_the_shared_parameters(name, grad_source):
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 4).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 1).double() for _ in range(3)])
+    x = torch.randn(6, 3, dtype=D)
+    rep = torch.relu(shared(x))
+    losses = torch.stack([heads[i](rep).square().mean() for i in range(3)])
+    model = SimpleNamespace(
+        backbone=SimpleNamespace(representation=rep, has_representation=True),
+        shared_parameters=lambda: list(shared.parameters()),
+    )
+    w = method(name, THREE, grad_source=grad_source)
+    w.setup(THREE, model)
+    grads = task_gradients(losses, w.task_grad_inputs(model))
+    weights = w.backward(losses, grads, list(shared.parameters()), lambda total: total.backward())
+    assert weights.shape == (3,) and torch.isfinite(weights).all() and not weights.requires_grad
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in shared.parameters())
+    if grad_source == "params" and name != "graddrop":  # weighted-sum methods: the update is Gᵀw
+        flat = torch.cat([p.grad.flatten() for p in shared.parameters()])
+        assert torch.allclose(flat, weights @ grads, atol=1e-10)

@@ -8,13 +8,15 @@ import functools
 import lightning.pytorch as pl
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from mtl_experiments.backbone.shared_bottom import SharedBottom
 from mtl_experiments.backbone.single_task import SingleTask
-from mtl_experiments.data.base import FeatureSpec, TensorBatchLoader
+from mtl_experiments.data.base import TensorBatchLoader
+from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.grads import task_gradients
@@ -23,9 +25,12 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
 from mtl_experiments.tasks import build_tasks
 from mtl_experiments.tasks.regression import RegressionTask
-from tests.conftest import CONF, backbone_task_names, bare_trainer, options
+from tests.conftest import CONF, backbone_task_names, bare_trainer, compose_cfg, options
 
 TWO = build_tasks({"a": {"kind": "regression"}, "b": {"kind": "regression"}})
+
+
+SGD = {"_target_": "torch.optim.SGD", "lr": 0.1}  # merged into the YAML's optimizer partial (_partial_: true stays)
 
 
 def gradnorm(tasks=TWO, model=None, **overrides) -> GradNorm:
@@ -46,7 +51,7 @@ def test_two_sgd_steps_by_hand():
     W = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         W.weight.copy_(torch.eye(2))  # h = W e_1 = e_1
-    g = gradnorm(alpha=1.5, lr=0.1, optimizer="sgd")
+    g = gradnorm(alpha=1.5, optimizer=SGD)
 
     # step 1: L = [1 + 1, 4 + 0] = [2, 4], ||∇_W L|| = [1, 3]; L(0) = L so r = [1, 1]
     losses = linear_toy_step(W, (1.0, 4.0), (1.0, 0.0), (0.0, 3.0))
@@ -103,7 +108,7 @@ def test_adam_first_step_moves_each_weight_by_lr():
     W = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         W.weight.copy_(torch.eye(2))
-    g = gradnorm(lr=0.1, optimizer="adam")
+    g = gradnorm(optimizer={"lr": 0.1})  # the YAML's Adam
     losses = linear_toy_step(W, (1.0, 4.0), (1.0, 0.0), (0.0, 3.0))  # ∇_w L_grad = [-1, +3] as above
     g.backward(losses, task_gradients(losses, [W.weight]), [W.weight], lambda total: total.backward())
     assert torch.allclose(g.w, torch.tensor([1.1, 0.9]))  # Σ = 2 already
@@ -256,7 +261,7 @@ def test_state_survives_a_state_dict_round_trip():
     step(fresh, torch.tensor([0.5, 1.2]))
     assert not torch.equal(fresh.w, resumed.w)  # without the extra state the trajectory differs
     with pytest.raises(ConfigError, match="loss.optimizer=adam"):
-        gradnorm(optimizer="sgd").load_state_dict(state)
+        gradnorm(optimizer=SGD).load_state_dict(state)
 
 
 def test_moving_the_module_keeps_the_weight_optimizer_state():
@@ -278,14 +283,28 @@ def test_moving_the_module_keeps_the_weight_optimizer_state():
     [
         ({"alpha": -0.5}, "loss.alpha"),
         ({"alpha": float("nan")}, "loss.alpha"),
-        ({"lr": 0.0}, "loss.lr"),
-        ({"lr": -1.0}, "loss.lr"),
+        ({"optimizer": functools.partial(torch.optim.Adam, lr=0.0)}, r"loss.optimizer.lr .*, got 0.0"),
+        ({"optimizer": functools.partial(torch.optim.SGD, lr=-1.0)}, r"loss.optimizer.lr .*, got -1.0"),
         ({"initial_loss_steps": 0}, "loss.initial_loss_steps"),
         ({"initial_loss_steps": 1.5}, "loss.initial_loss_steps"),
-        ({"optimizer": "rmsprop"}, "loss.optimizer"),
+        ({"optimizer": "rmsprop"}, "loss.optimizer must be an optimizer, got 'rmsprop'"),
+        ({"optimizer": len}, "loss.optimizer must be an optimizer"),
+        ({"optimizer": functools.partial(torch.optim.Adam, betas=2.0)}, "loss.optimizer could not be built"),
         ({"layer": ""}, "loss.layer"),
     ],
 )
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         GradNorm(**override)
+
+
+def test_the_optimizer_is_a_hydra_partial_adam_lr_0025_by_default():
+    """conf/loss/gradnorm.yaml's default is Adam(lr=0.025) (what the old ``optimizer: adam``, ``lr: 0.025`` built);
+    any torch.optim class fits, with its options under ``loss.optimizer``."""
+    g = gradnorm()
+    assert (g.optimizer_name, g.lr) == ("adam", 0.025)
+    assert (GradNorm().optimizer_name, GradNorm().lr) == ("adam", 0.025)  # the class default is the YAML's
+    cfg = compose_cfg(["loss=gradnorm", "loss.optimizer._target_=torch.optim.SGD", "loss.optimizer.lr=0.5"])
+    GlobalHydra.instance().clear()
+    sgd = instantiate(cfg.loss, _convert_="all")
+    assert (sgd.optimizer_name, sgd.lr) == ("sgd", 0.5)
