@@ -11,19 +11,21 @@ plain containers, so it is loaded with ``torch.load(weights_only=True)``: no pic
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mtl_experiments.errors import ConfigError
+from mtl_experiments.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 RUN_ID_KEY = "mtl"  # checkpoint["mtl"]["mlflow_run_id"]: the run a checkpoint belongs to
@@ -124,9 +126,11 @@ def _upload(trainer: pl.Trainer, path: str, name: str) -> None:
     """``path`` as the artifact ``checkpoints/<name>`` of the run (through the buffering logger)."""
     import tempfile
 
+    from lightning.pytorch.loggers import MLFlowLogger
+
     from mtl_experiments import tracking
 
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, tracking.MLFlowLogger)]
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
     if not loggers:
         log.warning("callbacks.last_checkpoint.log_to_mlflow=true but no MLflow logger is configured.")
         return
@@ -136,6 +140,40 @@ def _upload(trainer: pl.Trainer, path: str, name: str) -> None:
             tracking.log_artifacts(loggers[0], tmp, tracking.CHECKPOINT_ARTIFACTS)
         except Exception as e:  # noqa: BLE001 - the local checkpoint exists; an upload must not stop training
             log.warning("Could not upload %s to MLflow: %s", path, e)
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that fail loudly. Lightning's atomic save swallows a ``PermissionError`` (only a
+    cross-device one is re-raised), so a run whose checkpoint folder became read-only trained for hours without a
+    checkpoint and then failed at test time. Here a local checkpoint is written to a temporary file beside it and
+    renamed over it (atomic), and any failure stops the run at once with a ``StorageError`` naming the file, the
+    reason and the last good checkpoint (what ``resume=`` would continue from)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_good: str | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # a remote file system: Lightning's fsspec path, then a check that the file is there
+            super().save_checkpoint(checkpoint, path, storage_options)
+            self.last_good = str(path)
+            return
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, target)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError(
+                f"Writing the checkpoint {target} failed ({e.strerror or type(e).__name__}); training stopped so no "
+                f"more time is lost without checkpoints. The last good checkpoint is {self.last_good or 'none yet'}. "
+                "Free the disk or fix the folder's permissions (or point callbacks.*.dirpath elsewhere), then continue "
+                "with resume=<run id>."
+            ) from None
+        self.last_good = str(target)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -154,92 +192,6 @@ def safe_loading(method) -> dict[str, bool]:
     """``weights_only=True`` for ``Trainer.fit`` / ``test`` where Lightning takes it (2.5+; before, torch's
     default applies, and ``resolve`` has already read the resumed checkpoint with weights_only=True)."""
     return {"weights_only": True} if "weights_only" in inspect.signature(method).parameters else {}
-
-
-@dataclass
-class Resume:
-    """What ``resume=`` continues: the checkpoint file, and the MLflow run it belongs to (if any)."""
-
-    checkpoint: Path
-    run_id: str | None
-    run: Any = None  # mlflow Run, when it is in this store
-    dirpaths: dict[str, str] = field(default_factory=dict)  # callback state key -> its checkpoint folder
-
-    def apply(self, callbacks: Sequence[Any]) -> None:
-        """Point each ``ModelCheckpoint`` at the folder its saved state refers to, so the best score, the
-        best file and ``last.ckpt`` carry on in one place (Lightning drops the best score if it moved).
-        A checkpoint from elsewhere whose folder is gone (downloaded from MLflow, copied) is relocated."""
-        for cb in callbacks:
-            if not isinstance(cb, ModelCheckpoint) or cb.state_key not in self.dirpaths:
-                continue
-            saved = self.dirpaths[cb.state_key]
-            if Path(saved).is_dir():
-                cb.dirpath = saved
-            elif cb.dirpath is not None:
-                log.warning("The checkpoint folder %s is gone: new checkpoints go to %s.", saved, cb.dirpath)
-
-
-def resolve(value: str, tracking_uri: str | None, download_to: Path) -> Resume:
-    """``resume=<value>``: an existing checkpoint file, else an MLflow run id (its last checkpoint; if only
-    its artifacts have one, it is downloaded into ``download_to``). Checked before any data is loaded."""
-    from mtl_experiments import tracking
-
-    value = str(value)
-    path = Path(value).expanduser()
-    run = None
-    if path.is_file():
-        ckpt_path = path.resolve()
-    elif tracking_uri is not None and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
-        run = tracking.get_run(tracking_uri, value)
-        ckpt_path = tracking.run_checkpoint(tracking_uri, run, download_to)
-    else:
-        raise ConfigError(
-            f"resume={value}: no such checkpoint file, and not an MLflow run id (32 hex characters, the Run ID in "
-            "the MLflow UI)" + ("" if tracking_uri else " (no MLflow logger is configured to look it up)") + "."
-        )
-    ckpt = load(ckpt_path)
-    missing = [k for k in ("state_dict", "loops", "optimizer_states") if k not in ckpt]
-    if missing:
-        raise ConfigError(
-            f"resume: {ckpt_path} is not a full training checkpoint (no {', '.join(missing)}); weights-only files "
-            "cannot continue a run."
-        )
-    run_id = (ckpt.get(RUN_ID_KEY) or {}).get("mlflow_run_id")
-    if run is not None and run_id not in (None, run.info.run_id):
-        log.warning("%s was written by run %s, not %s; continuing run %s.", ckpt_path, run_id, value, value)
-    if run is None and run_id and tracking_uri is not None:
-        try:
-            run = tracking.get_run(tracking_uri, run_id)
-        except ConfigError:
-            log.warning("Run %s of %s is not in this store: a new MLflow run is started.", run_id, ckpt_path)
-    states = ckpt.get("callbacks") or {}
-    dirpaths = {k: v["dirpath"] for k, v in states.items() if isinstance(v, dict) and v.get("dirpath")}
-    if ckpt_path.parent == download_to.resolve():  # downloaded: continue next to the copies
-        del ckpt
-        _relocate(ckpt_path)
-        dirpaths = {k: str(ckpt_path.parent) for k in dirpaths}
-    return Resume(ckpt_path, run.info.run_id if run is not None else None, run, dirpaths)
-
-
-def _relocate(ckpt_path: Path) -> None:
-    """Rewrite the callbacks' file paths in a downloaded checkpoint to its folder (best.ckpt, last.ckpt)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    folder = ckpt_path.parent
-    best = folder / "best.ckpt"
-    for state in (ckpt.get("callbacks") or {}).values():
-        if not isinstance(state, dict) or "dirpath" not in state:
-            continue
-        state["dirpath"] = str(folder)
-        if state.get("last_model_path"):
-            state["last_model_path"] = str(folder / "last.ckpt")
-        if state.get("best_model_path"):
-            state["best_model_path"] = str(best) if best.is_file() else ""
-            score = state.get("best_model_score")
-            state["best_k_models"] = {str(best): score} if best.is_file() and score is not None else {}
-            state["kth_best_model_path"] = state["best_model_path"]
-    tmp = ckpt_path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(ckpt_path)
 
 
 # == the module's own state in a checkpoint: checkpoint["mtl"] (MTLModule.on_save_checkpoint / on_load_checkpoint) ==

@@ -29,7 +29,7 @@ def _number(key: str, value: Any, what: str, hint: str | None, finite: bool) -> 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(key, what, value, hint)
     out = float(value)
-    if finite and not math.isfinite(out):
+    if math.isnan(out) or (finite and not math.isfinite(out)):  # NaN is never a setting, even where inf is
         fail(key, what, value, hint)
     return out
 

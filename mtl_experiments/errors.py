@@ -23,3 +23,7 @@ class NonFiniteLossError(MTLError, FloatingPointError):
 
 class DivergenceError(MTLError):
     """Training diverged (a loss or a norm far beyond its bound; ``module.divergence=stop``)."""
+
+
+class StorageError(MTLError):
+    """A folder or file the run must write (outputs, checkpoints, artifacts) cannot be written."""

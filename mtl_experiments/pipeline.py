@@ -26,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments import checkpoints, plots, tracking
+from mtl_experiments import checkpoints, outputs, plots, safe_config, tracking
+from mtl_experiments import resume as resume_lib
 from mtl_experiments.errors import ConfigError, MTLError
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import metric_directions
+from mtl_experiments.scrub import scrub, scrub_yaml
 from mtl_experiments.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -87,77 +89,6 @@ def resolve_optimized_metric(cfg: DictConfig, tasks: Mapping[str, Task]) -> str:
     return mode
 
 
-# What a resumed run may change: where files are, how long and how verbosely it trains. Anything else
-# (data, model, loss, optimizer, seed, ...) would continue the run with settings its checkpoint and its
-# logged params do not describe, so resume refuses it.
-RESUME_MAY_CHANGE = ("resume", "paths.", "trainer.", "callbacks.", "logger.", "run_name", "experiment_name")
-RESUME_MAY_CHANGE_KEYS = ("data.root", "data.cache_dir")
-
-
-def check_resumable(resume: checkpoints.Resume, changed: Mapping[str, tuple]) -> None:
-    """ConfigError listing the settings that differ from the resumed run's (and its original overrides)."""
-    differ = {
-        k: v for k, v in changed.items() if not k.startswith(RESUME_MAY_CHANGE) and k not in RESUME_MAY_CHANGE_KEYS
-    }
-    if differ:
-        listed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(differ.items())[:8])
-        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-        overrides = resume.run.data.tags.get("overrides", "")
-        raise ConfigError(
-            f"resume continues run {resume.run_id} with its own settings, but these differ: {listed}{more}. "
-            f"Repeat the run's overrides: python train.py {overrides} resume={resume.run_id}"
-        )
-
-
-def _build_loggers(
-    cfg: DictConfig,
-    choices: dict[str, str],
-    overrides: list[str],
-    resume: checkpoints.Resume | None = None,
-    checkpoint_dir: str | None = None,
-    fallback_dir: Path | None = None,
-) -> list:
-    loggers = []
-    for logger_cfg in (cfg.get("logger") or {}).values():
-        if logger_cfg is None:
-            continue
-        factory = instantiate(logger_cfg, _partial_=True, _convert_="all")
-        if isinstance(factory.func, type) and issubclass(factory.func, MLFlowLogger):
-            uri = tracking.resolve_tracking_uri(factory.keywords.get("tracking_uri"))
-            if rank_zero_only.rank == 0:  # DDP: only rank 0 touches the store (Lightning's logger is rank-0-only)
-                tracking.check_tracking_uri(uri)
-                tracking.ensure_experiment(uri, factory.keywords.get("experiment_name") or cfg.experiment_name)
-            tags = {
-                **tracking.run_tags(choices, overrides, loss=cfg.get("loss")),
-                **tracking.sweep_tags(),  # a job of a multirun: the child of the sweep's parent run
-                **(
-                    {tracking.CHECKPOINT_DIR_TAG: checkpoint_dir, tracking.HOST_TAG: tracking.host()}
-                    if checkpoint_dir
-                    else {}
-                ),
-                # user tags; a dotted key from the command line (tags.team.name=x) arrives nested: flatten it
-                **{k: str(v) for k, v in tracking.flatten(factory.keywords.get("tags") or {}).items()},
-            }
-            run_name = factory.keywords.get("run_name") or "-".join(
-                [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"]
-            )
-            kwargs: dict[str, Any] = {"tracking_uri": uri, "tags": tags, "run_name": run_name}
-            # Lightning's class becomes ours (buffers through outages, skips resumed steps); a subclass is kept
-            cls = tracking.ResilientMLFlowLogger if factory.func is MLFlowLogger else factory.func
-            if resume is not None and resume.run is not None:
-                kwargs["run_id"] = resume.run_id  # the same MLflow run continues
-            if issubclass(cls, tracking.ResilientMLFlowLogger):
-                kwargs["fallback_dir"] = fallback_dir
-                if resume is not None and resume.run is not None and rank_zero_only.rank == 0:
-                    from mlflow.tracking import MlflowClient
-
-                    kwargs["resume_floor"] = tracking.last_steps(MlflowClient(uri), resume.run_id)
-            loggers.append(cls(*factory.args, **{**factory.keywords, **kwargs}))
-        else:
-            loggers.append(factory())
-    return loggers
-
-
 def print_results(
     results: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test", segments: tuple[str, ...] = ()
 ) -> None:
@@ -206,96 +137,127 @@ def build_module(cfg: DictConfig, datamodule, model: MultiTaskModel):
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train and test one configuration; returns the best value of ``cfg.optimized_metric``."""
+    """Train and test one configuration; returns the best value of ``cfg.optimized_metric``.
+
+    In pipeline order: start-up checks (strategy, writable folders, tracking store, ``resume=`` target) -> data
+    -> model and module -> callbacks -> inside ``tracking.run``: trainer, the MLflow run, fit, test, summary."""
     choices, overrides = hydra_context(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(OmegaConf.select(cfg, "paths.output_dir", default=None) or tempfile.mkdtemp(prefix="mtl-"))
+    check_startup(cfg, output_dir)
+    resume = resolve_resume(cfg, output_dir)
+    datamodule = build(cfg, "data")
+    # generate / load now: a missing file or a bad label fails here, in seconds; and what the data holds decides
+    # some metric names (val/<task>/gauc needs user ids), so the optimized metric is checked after it
+    datamodule.setup()
+    resolve_optimized_metric(cfg, datamodule.tasks)  # before anything reads ${optimized_mode}
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    params = tracking.flatten(run_cfg)
+    changed = resume.check(params) if resume is not None else {}
+    module = build_module(cfg, datamodule, build_model(cfg, datamodule))
+    describe_checkpoints(module, run_cfg, params, choices, overrides)
+    callbacks = build_callbacks(cfg, resume)
+    last = next((c for c in callbacks if isinstance(c, checkpoints.LastCheckpoint)), None)
+    checkpoint_dir = last.dirpath if last is not None else None
+    with tracking.run(run_cfg, choices, overrides, resume, checkpoint_dir, output_dir / "mlflow_fallback") as run:
+        trainer = build_trainer(cfg, callbacks, run.loggers, module)
+        run.start(params, run_cfg, overrides, changed)
+        best, results = fit_and_test(trainer, module, datamodule, resume)
+        run.log_summary(run_summary(cfg, best, module), trainer.global_step)
+        if trainer.is_global_zero:
+            print_results(results, datamodule.tasks, segments=datamodule.segments)
+            if run.describe():  # what mtl-recommend --run-id and resume= take
+                Console().print(run.describe())
+        return best
 
-    # 0. the tracking store answers and resume= names a checkpoint: before any data is loaded
+
+def check_startup(cfg: DictConfig, output_dir: Path) -> None:
+    """What can be refused before anything is loaded or recorded: a strategy the training step cannot honour, and
+    folders the run could not write (its outputs, every callback's checkpoint folder)."""
+    check_strategy(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    outputs.check_writable(output_dir, "paths.output_dir")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        dirpath = OmegaConf.select(node, "dirpath", default=None) if isinstance(node, DictConfig) else None
+        if dirpath:
+            outputs.check_writable(dirpath, f"callbacks.{name}.dirpath")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Only one device or DDP: strategies that shard parameters (FSDP, DeepSpeed) leave no rank with the shared
+    parameters' full gradients, which the per-task gradient path reads and overwrites (README: Distributed)."""
+    if not isinstance(strategy, str) or strategy == "auto":
+        return  # an object or a config node: MTLModule.check_trainer judges the built strategy
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    if cls not in (SingleDeviceStrategy, DDPStrategy):  # exactly: DeepSpeedStrategy subclasses DDPStrategy
+        raise ConfigError(
+            f"trainer.strategy={strategy} is not supported: MTLModule trains on one device or with DDP (trainer=ddp, "
+            "or trainer.strategy=ddp), which every loss method supports; strategies that shard parameters (FSDP, "
+            "DeepSpeed) leave no rank with the shared parameters' full gradients."
+        )
+
+
+def resolve_resume(cfg: DictConfig, output_dir: Path) -> resume_lib.Resume | None:
+    """The tracking store answers and ``resume=`` names a checkpoint of its run: before any data is loaded."""
     uri = tracking.preflight(cfg) if rank_zero_only.rank == 0 else None
     node = tracking.mlflow_logger_node(cfg)
     if uri is None and node is not None:
         uri = tracking.resolve_tracking_uri(OmegaConf.select(node, "tracking_uri"))
-    resume = checkpoints.resolve(cfg.resume, uri, output_dir / "checkpoints") if cfg.get("resume") else None
+    return resume_lib.resolve(cfg.resume, uri, output_dir / "checkpoints") if cfg.get("resume") else None
 
-    # 1. build and validate everything (no run exists yet, so a bad value leaves nothing behind)
-    datamodule = build(cfg, "data")
-    tasks = datamodule.tasks
-    # generate / load now: a missing file or a bad label fails here, in seconds; and what the data holds decides
-    # some metric names (val/<task>/gauc needs user ids), so the optimized metric is checked after it
-    datamodule.setup()
-    resolve_optimized_metric(cfg, tasks)  # before anything reads ${optimized_mode}
-    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    params = tracking.flatten(run_cfg)
-    changed = tracking.changed_params(resume.run, params) if resume is not None and resume.run is not None else {}
-    if changed:
-        check_resumable(resume, changed)
-    module = build_module(cfg, datamodule, build_model(cfg, datamodule))
-    # the resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model (recommend.py)
-    module.run_config = tracking.redact(OmegaConf.to_yaml(run_cfg, resolve=True))  # checkpoints may be shared
+
+def describe_checkpoints(module, run_cfg: DictConfig, params: Mapping[str, Any], choices, overrides) -> None:
+    """What every checkpoint carries about its run (checkpoints may be shared, so secrets are scrubbed): the
+    resolved config, the hash of the settings ``resume=`` must find unchanged, and a target-free recipe (the run's
+    overrides) from which ``mtl-recommend`` rebuilds the model through our own config groups."""
+    module.run_config = scrub_yaml(run_cfg)
+    module.checkpoint_meta = {
+        "config_hash": resume_lib.config_hash(params),
+        "recipe": scrub(safe_config.recipe(choices, overrides)),
+    }
+
+
+def build_callbacks(cfg: DictConfig, resume: resume_lib.Resume | None) -> list:
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     if resume is not None:
         resume.apply(callbacks)  # checkpoints continue in the resumed run's folder
-    last = next((c for c in callbacks if isinstance(c, checkpoints.LastCheckpoint)), None)
-    loggers = _build_loggers(
-        run_cfg,
-        choices,
-        overrides,
-        resume=resume,
-        checkpoint_dir=last.dirpath if last is not None else None,
-        fallback_dir=output_dir / "mlflow_fallback",
-    )
-    trainer: pl.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
-    module.check_trainer(trainer)  # precision / strategy the training step cannot honour: before a run exists
-    if resume is not None:  # continuing in the run's own checkpoint folder is the point
+        # continuing in the run's own checkpoint folder is the point
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-
-    # 2. train, tracked; a run that raises ends FAILED
-    mlflow_logger = next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None)
-    try:
-        if mlflow_logger is not None and resume is not None and resume.run is not None:
-            extra = {tracking.CHECKPOINT_DIR_TAG: last.dirpath, tracking.HOST_TAG: tracking.host()} if last else {}
-            tracking.continue_run(mlflow_logger, resume.run, params, changed, resume.checkpoint, extra)
-        elif mlflow_logger is not None:
-            mlflow_logger.log_hyperparams(params)
-            tracking.log_config_artifacts(mlflow_logger, run_cfg, overrides)
-            if resume is not None:  # a checkpoint of no known run: a new run, started from it
-                mlflow_logger.experiment.set_tag(mlflow_logger.run_id, "mtl.resumed_from", str(resume.checkpoint))
-        ckpt_path = str(resume.checkpoint) if resume is not None else None
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **checkpoints.safe_loading(trainer.fit))
-        if mlflow_logger is not None:
-            plots.log_run_artifacts(mlflow_logger, module)
-        ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
-        best_path = ckpt.best_model_path if ckpt is not None else ""
-        if not best_path:
-            log.warning("No best checkpoint was saved; testing the final weights.")
-        results = trainer.test(
-            module,
-            datamodule=datamodule,
-            ckpt_path=best_path or None,
-            verbose=False,
-            **checkpoints.safe_loading(trainer.test),
-        )[0]
-        best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
-        summary: dict[str, Any] = {}
-        if best is not None:
-            summary[f"best/{cfg.optimized_metric}"] = best
-        if mlflow_logger is not None and summary:
-            # at the last step (not 0): a resumed run that trains on writes a new value after the old one
-            mlflow_logger.log_metrics(summary, step=trainer.global_step)
-        if trainer.is_global_zero:
-            print_results(results, tasks, segments=datamodule.segments)
-            if mlflow_logger is not None:  # what mtl-recommend --run-id and resume= take
-                Console().print(f"MLflow run {mlflow_logger.run_id} ({tracking.redact(mlflow_logger.tracking_uri)})")
-        _report_tracking(mlflow_logger)
-        return best
-    except BaseException as e:
-        tracking.mark_failed(mlflow_logger, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        _report_tracking(mlflow_logger)
-        raise
+    return callbacks
 
 
-def _report_tracking(logger) -> None:
-    """Say what happened to the tracking store during the run (an outage, and where its values are)."""
-    if isinstance(logger, tracking.ResilientMLFlowLogger) and rank_zero_only.rank == 0:
-        logger.report_outages()
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, module) -> pl.Trainer:
+    """The trainer, its settings checked against the training step before a run exists; checkpoint writes that
+    fail stop the run (checkpoints.VerifiedCheckpointIO)."""
+    trainer: pl.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    module.check_trainer(trainer)  # precision / strategy the training step cannot honour
+    trainer.strategy.checkpoint_io = checkpoints.VerifiedCheckpointIO()
+    return trainer
+
+
+def fit_and_test(trainer: pl.Trainer, module, datamodule, resume) -> tuple[float | None, dict[str, float]]:
+    """Fit (from the resumed checkpoint, if any), then test the best checkpoint by validation; (best, results)."""
+    ckpt_path = str(resume.checkpoint) if resume is not None else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **checkpoints.safe_loading(trainer.fit))
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            plots.log_run_artifacts(logger, module)
+    ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    best_path = ckpt.best_model_path if ckpt is not None else ""
+    if not best_path:
+        log.warning("No best checkpoint was saved; testing the final weights.")
+    results = trainer.test(
+        module,
+        datamodule=datamodule,
+        ckpt_path=best_path or None,
+        verbose=False,
+        **checkpoints.safe_loading(trainer.test),
+    )[0]
+    best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
+    return best, results
+
+
+def run_summary(cfg: DictConfig, best: float | None, module) -> dict[str, float]:
+    """Run-level values: the best validation score."""
+    return {f"best/{cfg.optimized_metric}": best} if best is not None else {}

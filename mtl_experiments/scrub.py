@@ -53,6 +53,14 @@ def scrub(value: Any, key: Any = None) -> Any:
     return redact(value)
 
 
+def scrub_yaml(cfg: Any) -> str:
+    """A config (DictConfig or container) as resolved YAML with its secrets masked."""
+    from omegaconf import DictConfig, OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(container)))
+
+
 def scrub_file(path: str | os.PathLike) -> bool:
     """Rewrite a YAML file with its secrets masked (only if it held any). Returns whether it changed.
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_compare import EXPERIMENT, make_store
+from tests.compare.compare_store import EXPERIMENT, make_store
 
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "mtl-experiments-test"

@@ -267,7 +267,7 @@ def test_time_based_last_checkpoint_is_written_inside_an_epoch(minutes, written_
     always due, last.ckpt exists from the second batch on; without it, only after the epoch."""
     from mtl_experiments.checkpoints import LastCheckpoint
     from tests.conftest import bare_trainer
-    from tests.test_module import setup_module_and_batch
+    from tests.module.test_module import setup_module_and_batch
 
     module, dm = setup_module_and_batch()
     seen = _SeesLastCheckpoint(tmp_path / "last.ckpt")

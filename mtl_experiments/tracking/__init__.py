@@ -3,13 +3,14 @@
 - ``store``: the tracking URI, the start-up check that the store answers and can be written, the experiment;
 - ``metadata``: what a run records about itself (tags, params, config artifacts);
 - ``logger``: ``ResilientMLFlowLogger`` (buffers through outages, skips resumed steps), final status, ``replay``;
-- ``resume``: the checkpoint of a run id, reopening a run;
+- ``resume``: reopening a resumed run;
 - ``run``: ``with tracking.run(...) as run:`` — the loggers, continue-or-new, FAILED / KILLED, the outage report.
 
 ``python -m mtl_experiments.tracking replay <fallback dir>`` uploads what an outage left behind.
 """
 
 from mtl_experiments.scrub import redact
+from mtl_experiments.tracking.lifecycle import TrackedRun, build_loggers, run
 from mtl_experiments.tracking.logger import ResilientMLFlowLogger, clean_key, log_artifacts, mark_failed, replay
 from mtl_experiments.tracking.metadata import (
     CHECKPOINT_ARTIFACTS,
@@ -27,7 +28,7 @@ from mtl_experiments.tracking.metadata import (
     run_tags,
     sweep_tags,
 )
-from mtl_experiments.tracking.resume import continue_run, run_checkpoint
+from mtl_experiments.tracking.resume import continue_run
 from mtl_experiments.tracking.store import (
     DEFAULT_DB,
     check_tracking_uri,
@@ -52,6 +53,8 @@ __all__ = [
     "ROLE_TAG",
     "SWEEP_PARENT",
     "ResilientMLFlowLogger",
+    "TrackedRun",
+    "build_loggers",
     "changed_params",
     "check_tracking_uri",
     "clean_key",
@@ -71,7 +74,7 @@ __all__ = [
     "redact",
     "replay",
     "resolve_tracking_uri",
-    "run_checkpoint",
+    "run",
     "run_tags",
     "short_http_retries",
     "store_lock",

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_experiments.scrub import redact
+from mtl_experiments.scrub import redact, scrub, scrub_yaml
 from mtl_experiments.tracking.logger import log_artifacts
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,10 @@ def sweep_tags() -> dict[str, str]:
 
 
 def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> ``{"data.correlation": 0.5, ...}`` (lists as strings), for MLflow params."""
+    """Nested config -> ``{"data.correlation": 0.5, ...}`` (lists as strings), for MLflow params; secrets masked
+    (credentials in URIs, values of secret-named keys: ``scrub``)."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    container = scrub(container)
     out: dict[str, Any] = {}
     for key, value in container.items():
         name = f"{prefix}{key}"
@@ -90,7 +92,7 @@ def run_tags(choices: Mapping[str, str], overrides: list[str], loss: Mapping | N
 def log_config_artifacts(logger, cfg: DictConfig, overrides: list[str]) -> None:
     """The resolved config and the command-line overrides, as ``config/*.yaml`` artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+        (Path(tmp) / "config.yaml").write_text(scrub_yaml(cfg))
         (Path(tmp) / "overrides.yaml").write_text(redact(OmegaConf.to_yaml(OmegaConf.create(list(overrides)))))
         log_artifacts(logger, tmp, "config")
 

@@ -1,55 +1,19 @@
-"""Resuming a run: the checkpoint of a run id, the steps it already logged, reopening it."""
+"""Reopening a resumed run in MLflow."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-from mtl_experiments.errors import ConfigError
 from mtl_experiments.scrub import redact
-from mtl_experiments.tracking.metadata import CHECKPOINT_ARTIFACTS, CHECKPOINT_DIR_TAG, HOST_TAG, RESUME_COUNT_TAG
+from mtl_experiments.tracking.metadata import RESUME_COUNT_TAG
 from mtl_experiments.tracking.store import short_http_retries
 
 log = logging.getLogger(__name__)
-
-log = logging.getLogger(__name__)
-
-
-# -- resuming a run ------------------------------------------------------------------------------------
-def run_checkpoint(uri: str, run, download_to: Path) -> Path:
-    """The checkpoint ``resume=<run id>`` continues from: ``last.ckpt`` in the run's checkpoint folder
-    (tag ``mtl.checkpoint_dir``), else the run's artifact ``checkpoints/last.ckpt`` (downloaded with
-    ``checkpoints/best.ckpt`` into ``download_to``)."""
-    from mlflow.tracking import MlflowClient
-
-    run_id = run.info.run_id
-    folder = run.data.tags.get(CHECKPOINT_DIR_TAG)
-    if folder and (Path(folder) / "last.ckpt").is_file():
-        return Path(folder) / "last.ckpt"
-    client = MlflowClient(uri)
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS)}
-    if "last.ckpt" in names:
-        download_to.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in sorted(names & {"last.ckpt", "best.ckpt"}):
-                local = client.download_artifacts(run_id, f"{CHECKPOINT_ARTIFACTS}/{name}", tmp)
-                shutil.move(local, download_to / name)
-        log.info("Downloaded the checkpoints of run %s from its MLflow artifacts into %s.", run_id, download_to)
-        return download_to / "last.ckpt"
-    host = run.data.tags.get(HOST_TAG)
-    where = f"{folder}/last.ckpt" + (f" (written on host {host})" if host else "") if folder else "no local folder"
-    raise ConfigError(
-        f"resume={run_id}: the run has no checkpoint to continue from: not at {where}, and no MLflow artifact "
-        f"{CHECKPOINT_ARTIFACTS}/last.ckpt (callbacks.last_checkpoint.log_to_mlflow=true uploads it). Pass the "
-        "checkpoint file instead: resume=/path/to/last.ckpt."
-    )
 
 
 def continue_run(

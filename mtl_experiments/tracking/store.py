@@ -151,11 +151,27 @@ def ensure_experiment(uri: str, name: str) -> str:
         with store_lock(uri):
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(name)
-            return exp.experiment_id if exp else client.create_experiment(name)
+            exp = exp or client.get_experiment(client.create_experiment(name))
     except Exception as e:  # noqa: BLE001 - any store failure becomes one readable message
         raise TrackingError(
             f"MLflow store {redact(uri)} failed while opening experiment {name!r}: {redact(str(e))}. {FIX}"
         ) from e
+    check_artifact_location(exp.artifact_location, name)
+    return exp.experiment_id
+
+
+def check_artifact_location(location: str, experiment: str) -> None:
+    """A local artifact store (``file:`` or a plain path) must be writable before a run starts; a remote one
+    (``mlflow-artifacts:``, ``s3:``, ...) is the server's to check."""
+    from urllib.request import url2pathname
+
+    from mtl_experiments.outputs import check_writable
+
+    parsed = urlparse(location or "")
+    if parsed.scheme not in ("", "file"):
+        return
+    path = url2pathname(parsed.path) if parsed.scheme == "file" else location
+    check_writable(path, f"the artifact location of MLflow experiment {experiment!r}")
 
 
 # -- preflight ---------------------------------------------------------------------------------------

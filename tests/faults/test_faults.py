@@ -62,7 +62,7 @@ class KillServerAt(pl.Callback):
 
 def poison(task: str, batches: str) -> list[str]:
     return [
-        "+callbacks.poison._target_=tests.test_faults.PoisonLabels",
+        "+callbacks.poison._target_=tests.faults.test_faults.PoisonLabels",
         f"+callbacks.poison.task={task}",
         f"+callbacks.poison.batches={batches}",
     ]
@@ -99,7 +99,7 @@ def test_nan_loss_skip_stops_after_too_many_in_a_row(make_cfg, mlflow_runs):
 
 
 def test_non_finite_parameters_are_never_checkpointed(make_cfg, mlflow_runs, tmp_path):
-    breaker = ["+callbacks.breaker._target_=tests.test_faults.BreakParameters", "+callbacks.breaker.step=10"]
+    breaker = ["+callbacks.breaker._target_=tests.faults.test_faults.BreakParameters", "+callbacks.breaker.step=10"]
     with pytest.raises(NonFiniteLossError, match="became non-finite by step 10 although the loss was finite"):
         train(make_cfg(*STEP_CHECKPOINTS, *breaker))
     assert load(tmp_path / "out" / "checkpoints" / "last.ckpt")["global_step"] == 5  # not overwritten
@@ -138,7 +138,7 @@ def test_server_lost_mid_run_training_finishes_and_the_values_are_replayed(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     killer = [
-        "+callbacks.kill._target_=tests.test_faults.KillServerAt",
+        "+callbacks.kill._target_=tests.faults.test_faults.KillServerAt",
         f"+callbacks.kill.pgid={server.proc.pid}",
         "+callbacks.kill.step=12",
     ]
