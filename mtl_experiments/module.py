@@ -50,6 +50,7 @@ from mtl_experiments.tasks import Task
 
 STAGES = ("train", "val", "test")
 NONFINITE_POLICIES = ("stop", "skip")
+CLIP_ALGORITHMS = ("norm", "value")
 log = logging.getLogger(__name__)
 
 
@@ -108,10 +109,15 @@ class MTLModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
         self.optimizer_factory, self.scheduler_cfg = optimizer, dict(scheduler) if scheduler else None
-        self.gradient_clip_val, self.gradient_clip_algorithm = float(gradient_clip_val), gradient_clip_algorithm
+        self.gradient_clip_val = checks.non_negative_number(
+            "module.gradient_clip_val", gradient_clip_val, hint="0: off"
+        )
+        self.gradient_clip_algorithm = checks.choice(
+            "module.gradient_clip_algorithm", gradient_clip_algorithm, CLIP_ALGORITHMS
+        )
         # sparse id tables (features.sparse=true): an optimizer or clipping that cannot take their gradients fails now
         check_sparse_training(model, optimizer, self.gradient_clip_val, gradient_clip_algorithm)
-        self.train_metrics = train_metrics
+        self.train_metrics = checks.boolean("module.train_metrics", train_metrics)
         self._train_outputs = []
         self.weighting.setup(self.tasks, model)
         self._shares_parameters = bool(model.shared_parameters())
@@ -262,8 +268,9 @@ class MTLModule(pl.LightningModule):
         task_grads = plan.columns("weighting")
         gates = self._gates() if plan.conflict is not None else None  # read before any re-forward
         weights = self._backward(opt, losses, task_grads)
-        measured = self._measure(opt, plan, weights, step, gates, batch)  # before opt.step(): the lookahead
-        opt.step()  # starts from this step's parameters
+        # before opt.step(): the lookahead affinity starts from this step's parameters
+        measured = self._measure(opt, plan, weights, step, gates, batch)
+        opt.step()
         self.weighting.after_optimizer_step(losses.detach())
         self._step_scheduler("step")
         if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)

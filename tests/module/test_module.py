@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mtl_experiments import checkpoints
 from mtl_experiments.backbone.shared_bottom import SharedBottom
 from mtl_experiments.data.synthetic import SyntheticDataModule
-from mtl_experiments.errors import NonFiniteLossError
+from mtl_experiments.errors import ConfigError, NonFiniteLossError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.loss.fixed import Fixed
 from mtl_experiments.model import MultiTaskModel
@@ -123,3 +123,23 @@ def test_saving_a_checkpoint_never_creates_an_mlflow_run(tracking_uri):
     assert checkpoints.logger_run_id([plain]) == plain.run_id
     assert checkpoints.logger_run_id([]) is None
     assert len(MlflowClient(tracking_uri).search_runs([plain.experiment_id])) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"nonfinite": "ignore"}, r"module.nonfinite must be one of \['stop', 'skip'\], got 'ignore'"),
+        ({"max_consecutive_nonfinite": 0}, "module.max_consecutive_nonfinite must be an integer >= 1, got 0"),
+        ({"gradient_clip_val": -1.0}, r"module.gradient_clip_val must be a finite number >= 0, got -1.0 \(0: off\)"),
+        ({"gradient_clip_algorithm": "l2"}, r"module.gradient_clip_algorithm must be one of \['norm', 'value'\]"),
+        ({"train_metrics": "yes"}, "module.train_metrics must be true or false, got 'yes'"),
+        ({"divergence": {"action": "halt"}}, "module.divergence.action must be one of"),
+    ],
+)
+def test_bad_module_options_are_refused_naming_the_key(option, message):
+    dm = SyntheticDataModule(tasks=TASKS, num_samples=100, input_dim=4, batch_size=32)
+    dm.setup()
+    encoder = FeatureEncoder(dm.feature_spec)
+    model = MultiTaskModel(encoder, SharedBottom(encoder.output_dim, list(dm.tasks), (8,), (4,)), dm.tasks)
+    with pytest.raises(ConfigError, match=message):
+        MTLModule(model, dm.tasks, Fixed(None), functools.partial(torch.optim.SGD, lr=0.1), **option)
