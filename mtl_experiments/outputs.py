@@ -3,10 +3,10 @@
 - One folder per process: ``hydra.run.dir`` / ``hydra.sweep.dir`` end in ``${mtl.run_suffix:}``, six random hex
   characters drawn once per process (registered in ``mtl_experiments/__init__.py``), so runs launched in the same
   second never share an output or checkpoint folder.
-- ``check_writable``: a folder can be created and written (a file is made and removed), else one ``StorageError``
-  naming the config key and the fix. Hydra's own output folder is checked in ``OutputsCallback.on_run_start``
-  (before Hydra creates it, which would end in its traceback); the pipeline checks the rest (``paths.output_dir``,
-  the checkpoint folders, the MLflow fallback folder and a local artifact store) before any data is loaded.
+- ``check_writable``: a folder can be created and written (a file is made and removed; nothing is created),
+  else one ``StorageError`` naming the config key and the fix. Hydra's own output folder is checked in
+  ``OutputsCallback.on_run_start`` (before Hydra creates it, which would end in its traceback); the pipeline checks
+  the rest (``paths.output_dir``, the checkpoint folders and a local artifact store) before any data is loaded.
 - ``OutputsCallback.on_job_start`` masks secrets (``scrub.scrub_file``) in the ``.hydra/*.yaml`` files Hydra has
   just written for the job and in the sweep's ``multirun.yaml``.
 """
@@ -29,16 +29,21 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def check_writable(path: str | os.PathLike, key: str) -> Path:
-    """Create ``path`` (and its parents) and write a file in it; ``StorageError`` naming ``key`` if that fails."""
-    path = Path(path).expanduser()
+    """``StorageError`` naming ``key`` unless ``path`` could be created and written. Creates nothing: a file is
+    made and removed in the folder, or, if it does not exist yet, in its nearest existing parent (which must be a
+    folder), so a run refused later leaves no empty folder behind."""
+    given = path
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise StorageError(
-            f"{key}={path} cannot be written ({reason}: {e.filename or path}). Point {key} at a writable folder "
+            f"{key}={given} cannot be written ({reason}: {e.filename or existing}). Point {key} at a writable folder "
             "(or fix the folder's permissions, free the disk) and run again; nothing was trained or recorded."
         ) from None
     return path

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.compare.compare_store import EXPERIMENT, make_store
+from tests.conftest import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "mtl-experiments-test"

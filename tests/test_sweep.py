@@ -94,7 +94,7 @@ def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp
     uri = f"sqlite:///{tmp_path / 'env.db'}"
     proc = multirun(tmp_path, "data.correlation=2.0,0.5", "optimizer.lr=1e30,0.001", tracking_uri=uri)
     assert proc.returncode != 0
-    assert "data.correlation must lie in [-1, 1]" in proc.stderr
+    assert "data.correlation must be a number in [-1, 1], got 2.0" in proc.stderr
     assert not (tmp_path / tracking.DEFAULT_DB).exists()  # the environment variable chose the store
     (parent,), children = all_runs(uri)
     assert parent.info.status == "FAILED"
@@ -115,7 +115,8 @@ def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp
     assert (summary["status"], summary["jobs"], summary["finished_jobs"], summary["failed_jobs"]) == ("FAILED", 4, 1, 3)
     by_job = {f["job"]: f for f in summary["failed"]}
     assert sorted(by_job) == [0, 1, 2]
-    assert by_job[0]["run_id"] is None and by_job[0]["error"].startswith("ConfigError: data.correlation must lie")
+    assert by_job[0]["run_id"] is None
+    assert by_job[0]["error"].startswith("ConfigError: data.correlation must be a number in [-1, 1]")
     assert by_job[0]["swept"] == {"data.correlation": "2.0", "optimizer.lr": "1e+30"}
     nan_run = next(c for c in children if c.info.status == "FAILED")
     assert (by_job[2]["run_id"], by_job[2]["status"]) == (nan_run.info.run_id, "FAILED") and by_job[2]["error"]
