@@ -35,7 +35,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from mtl_experiments import checkpoints, checks, grads
@@ -421,7 +421,8 @@ class MTLModule(pl.LightningModule):
                 "trainer.precision=bf16-mixed (no loss scaling) or 32."
             )
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        # DeepSpeedStrategy subclasses DDPStrategy but shards like FSDP
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
             # FSDP / DeepSpeed shard parameters and gradients: no rank holds the shared parameters' full
             # gradients, which the per-task gradient path (grads.py) reads and overwrites
             raise ConfigError(
