@@ -47,12 +47,16 @@ LOSS_PROPERTIES = ("zero_losses", "extreme_losses")
 NON_CONFLICTING = {"upgrad", "mgda"}  # ⟨update, g_t⟩ >= 0 for every task
 # Nash-MTL's update has α_t·⟨g_t, d⟩ = 1 > 0, when a solution exists: the gradients must not have 0 in their convex
 # hull (the paper's assumption), which holds for linearly independent rows, i.e. P >= T here
-NON_CONFLICTING_IF_INDEPENDENT = {"nash_mtl"}
+# ConFIG gives every task the same positive cosine when U·U⁺1 = 1, i.e. for linearly independent rows
+NON_CONFLICTING_IF_INDEPENDENT = {"config", "nash_mtl"}
 RANDOMISED = {"pcgrad", "gradvac"}  # a random visiting order from the method's own seeded generator
 EXEMPT = {
     "permutation": {
         "pcgrad": "projects in a random order of the rows: permuting the rows changes the order",
         "gradvac": "visits the other tasks in a random order (and its targets are per task pair)",
+        "metabalance": "the target task (the first row) is singled out: permuting the rows changes the target",
+        "fairgrad": "with 0 in the gradients' convex hull (often when T > P) G Gᵀw = w^(-1/α) has no root and the "
+        "least-squares best fit depends on the solver's path, which the row order changes",
     },
     "precision": {"graddrop": "draws U in the gradients' dtype: float32 and float64 draws differ"},
     "scaling": {
@@ -63,6 +67,10 @@ EXEMPT = {
         "nash_mtl": "α_t·g_tᵀd = 1 makes the update invariant to the row scales, not linear in them",
         "graddrop": "the sign purity P = ½(1 + Σg/Σ|g|) depends on the row scales",
         "gradvac": "its cosine targets are an EMA over calls: the three calls of the check see different targets",
+        "moco": "the weights' projected-gradient step on Y·Yᵀ is not linear in the row scales",
+        "sdmgrad": "the dual solution on the simplex (min-norm point pulled towards g_0) depends on the row scales",
+        "fairgrad": "w scales as s^(-α/(1+α)) when every row is scaled by s: not linear in the row scales",
+        "db_mtl": "every task's gradient is rescaled to the largest norm: not linear in the row scales",
     },
     "cagrad_objective": {"*": "CAGrad's own objective (max_d min_t g_tᵀd in the ball around g_0)"},
     "zero_losses": {"gls": "the geometric mean's gradient is undefined at a zero loss: it raises NonFiniteLossError"},
@@ -70,19 +78,9 @@ EXEMPT = {
 }
 # weights that are least-squares reconstructions of the update (loss.base.effective_weights): with an ill-conditioned
 # Gramian in float32 they are not accurate enough to compare, so only the update is
-EFFECTIVE_WEIGHTS = {"pcgrad", "graddrop", "gradvac"}
+EFFECTIVE_WEIGHTS = {"pcgrad", "graddrop", "gradvac", "db_mtl"}
 # known defects: (method, property, dtype or None for both) -> reason; each case is xfail(strict=True)
-ALIGNED_FLOAT32 = "issue 14: Aligned-MTL's rank cut-off uses float32's epsilon (J = [[1, 0], [-1000, 1]])"
-KNOWN_DEFECTS: dict[tuple[str, str, torch.dtype | None], str] = {
-    ("aligned_mtl", "precision", torch.float32): ALIGNED_FLOAT32,
-    ("aligned_mtl", "permutation", torch.float32): ALIGNED_FLOAT32,
-    ("mgda", "structure", None): "issue 14: MGDA's default epsilon 1e-3 / max_iters 100 stop before a common descent",
-    ("cagrad", "cagrad_objective", None): "issue 14: CAGrad falls back to g_0 when a task's gradient is zero",
-    ("dwa", "zero_losses", None): "issue 14: DWA's ratio L(e-1)/L(e-2) is 0/0 when an epoch-mean loss is 0",
-    ("gradnorm", "extreme_losses", torch.float32): (
-        "found here, not yet in issue 14: GradNorm's L/L(0) overflows float32 for losses 1e30 after 1e-30"
-    ),
-}
+KNOWN_DEFECTS: dict[tuple[str, str, torch.dtype | None], str] = {}
 
 
 def promises(name: str, prop: str) -> bool:
