@@ -21,8 +21,15 @@ tight tolerance). Variant choices:
 - ``c`` = 0.4 is the value of the authors' NYU-v2 and Cityscapes runs (and Nash-MTL's CAGrad default).
   The paper's convergence result to a stationary point of the average loss needs 0 ≤ c < 1; larger c
   moves towards MGDA.
-- If g_w* vanishes (a task with a zero gradient, or 0 in the convex hull of the gradients with c ≥ 1) the
-  correction's direction is undefined and d = g_0 (TorchJD returns 0 there). All gradients zero: d = 0.
+- A task whose gradient is exactly zero (no label this step) adds the constant 0 to min_t g_tᵀd, so
+  max_d min(min_{live t} g_tᵀd, 0) is attained by the maximiser of the live tasks' worst value: the dual is
+  solved over the tasks with a non-zero gradient only (g_0 and the ball stay those of all T tasks). Solving it
+  over all T tasks made w* = e_zero (g_w* = 0) a dual optimum whose primal direction is undefined, and d fell back
+  to g_0 (issue 14: J = [[1, 0], [0, 0], [-1.2, 1]] gave worst value -0.0667 where d = (0, 1/3) reaches 0).
+- Fallback: if g_w* still vanishes (0 in the convex hull of the non-zero gradients, possible at the optimum only
+  when the optimum is 0), d = (1 − min(c, 1))·g_0, the ball's point nearest 0 (d = 0, optimal, for c ≥ 1); it is
+  logged (``weighting/fallback``) with a warning. All gradients zero: d = 0. SLSQP's iterations and success are
+  logged as ``weighting/iterations`` and ``weighting/converged``.
 
 The weights reported are exact: update = Σ_t w_t g_t with w = T·(1/T + (c‖g_0‖/‖g_w*‖)·w*)/rescale.
 """
@@ -38,15 +45,19 @@ from torch import Tensor
 
 from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.solver import SolverReport
 
 RESCALE = (0, 1, 2)
 
 
-def cagrad_dual(gram: np.ndarray, c: float) -> np.ndarray:
-    """The dual solution w* on the simplex for the Gramian ``gram`` (float64, T×T)."""
-    T = gram.shape[0]
-    b = gram.mean(axis=1)  # A·1/T: b_t = g_tᵀg_0
+def cagrad_dual(gram: np.ndarray, c: float, live: np.ndarray | None = None) -> tuple[np.ndarray, int, bool]:
+    """``(w*, iterations, success)``: the dual solution on the simplex of the tasks ``live`` (default all) for the
+    Gramian ``gram`` of all T tasks (float64, T×T); w* is 0 off ``live``."""
+    live = np.ones(gram.shape[0], dtype=bool) if live is None else live
+    b = gram.mean(axis=1)[live]  # A·1/T: b_t = g_tᵀg_0 (g_0 the mean of all T gradients)
     k = c * math.sqrt(max(float(gram.mean()), 0.0))  # c‖g_0‖
+    gram = gram[np.ix_(live, live)]
+    T = gram.shape[0]
     tiny = 1e-20 * max(float(np.trace(gram)), 1e-300)  # keeps sqrt differentiable where g_w = 0
 
     def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -64,7 +75,9 @@ def cagrad_dual(gram: np.ndarray, c: float) -> np.ndarray:
         options={"ftol": 1e-14, "maxiter": 200},
     )
     w = np.clip(res.x, 0.0, None)  # SLSQP may overshoot the bounds by rounding
-    return w / w.sum()
+    out = np.zeros(live.shape[0])
+    out[live] = w / w.sum()
+    return out, int(res.nit), bool(res.success)
 
 
 class CAGrad(GradientAggregation):
@@ -75,6 +88,7 @@ class CAGrad(GradientAggregation):
         self.c = checks.non_negative_number("loss.c", c, hint="the paper uses c in [0, 1)")
         hint = "0: none, 1: divide by 1+c², 2: divide by 1+c"
         self.rescale = checks.integer("loss.rescale", rescale, low=min(RESCALE), high=max(RESCALE), hint=hint)
+        self.report = SolverReport("CAGrad")
 
     def _scale(self) -> float:
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
@@ -84,15 +98,22 @@ class CAGrad(GradientAggregation):
         gram = (grads @ grads.T).detach().double().cpu()
         mean_sq_norm = float(gram.diagonal().mean())
         if mean_sq_norm <= 0:  # every task gradient is zero: nothing to move
+            self.report.record(0, True)
             return torch.zeros_like(grads[0]), torch.ones(T, dtype=grads.dtype, device=grads.device)
-        gram = gram / mean_sq_norm  # scale-free solve; w* does not depend on the scale of G
-        w = cagrad_dual(gram.numpy(), self.c)
+        gram = (gram / mean_sq_norm).numpy()  # scale-free solve; w* does not depend on the scale of G
+        live = np.diagonal(gram) > 0  # a zero gradient only adds the constant 0 to the worst value
+        w, iterations, success = cagrad_dual(gram, self.c, live)
         g0_norm = math.sqrt(max(float(gram.mean()), 0.0))
-        gw_norm = math.sqrt(max(float(w @ gram.numpy() @ w), 0.0))
-        weights = np.full(T, 1.0 / T)
-        # when g_w* vanishes (a task with a zero gradient; 0 in the hull with c >= 1) the correction's direction
-        # is undefined: keep d = g_0
+        gw_norm = math.sqrt(max(float(w @ gram @ w), 0.0))
+        weights, fallback = np.full(T, 1.0 / T), None
         if self.c > 0 and gw_norm > 1e-9 * g0_norm:
             weights = weights + (self.c * g0_norm / gw_norm) * w
+        elif self.c > 0 and g0_norm > 0:
+            fallback = "0 lies in the convex hull of the task gradients: d = (1 - min(c, 1))·g_0"
+            weights = weights * (1.0 - min(self.c, 1.0))
+        self.report.record(iterations, success, fallback)
         weights_t = torch.as_tensor(T * weights / self._scale(), dtype=grads.dtype, device=grads.device)
         return weights_t @ grads, weights_t
+
+    def log_values(self) -> dict[str, Tensor]:
+        return self.report.log_values()

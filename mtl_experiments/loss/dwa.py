@@ -8,6 +8,11 @@ authors' MTAN code averages them), τ the temperature (2 in the paper) and T the
 Σ_t w_t = T like ``equal``. The weights are fixed for a whole epoch: during epochs 0 and 1 there is
 no history yet and w = 1 (the paper's w_t(1) = w_t(2) = 1). Total = Σ_t w_t(e)·L_t.
 
+A zero epoch mean (a task with no labelled row in an epoch has loss exactly 0) is handled by one documented
+rule: where L_t(e-2) = 0 the rate is undefined (0/0, or x/0 = ∞ whose softmax limit would hand the task every
+weight after an epoch without labels), so r_t = 1, the rate of a loss that did not change; L_t(e-1) = 0 after a
+positive L_t(e-2) is the paper's r_t = 0. Without the rule the weights and the total loss were NaN (issue 14).
+
 State: the running sum and count of the current epoch's raw losses, the last two epoch means and the
 current weights are buffers, so a checkpoint (also one taken mid-epoch) resumes exactly. Under DDP the
 losses this method receives are the global batch's (``grads.global_losses``), so every rank records the
@@ -62,6 +67,6 @@ class DWA(LossWeighting):
 
 
 def dwa_weights(previous: Tensor, last: Tensor, temperature: float) -> Tensor:
-    """Eq. 7: ``T · softmax((L(e-1) / L(e-2)) / τ)`` from the two previous epoch means."""
-    ratio = last / previous
+    """Eq. 7: ``T · softmax((L(e-1) / L(e-2)) / τ)`` from the two previous epoch means; r_t = 1 where L_t(e-2) = 0."""
+    ratio = torch.where(previous != 0, last / torch.where(previous != 0, previous, 1), 1)
     return ratio.numel() * torch.softmax(ratio / temperature, dim=0)

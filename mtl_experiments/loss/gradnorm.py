@@ -22,6 +22,8 @@ Choices the paper leaves open, made here:
 - L_t(0): with ``initial_loss_steps`` = 1 (default) it is the loss of the first step, as in the paper.
   With N > 1 it is the mean of the first N steps' losses (minibatch losses are noisy); during those N
   steps the running mean of the steps so far is used, so step 1 is the paper's, and from step N on it is fixed.
+- r_t is computed as T·softmax(log L_t − log L_t(0)) in float64 (the same value as L̃_t / mean(L̃)), so losses
+  that change by 1e60 do not overflow; a zero loss counts as float64's smallest positive number.
 - w is a buffer, not an ``nn.Parameter``: the main optimizer never sees it (so no weight decay either).
   w is not clamped (the paper does not); the target is positive, so L_grad pulls each w_t toward a positive value.
 
@@ -129,11 +131,14 @@ class GradNorm(Weighting):
 
     def _update_weights(self, losses: Tensor, task_grads: Tensor) -> None:
         losses = losses.to(self.w.dtype)
-        norms = task_grads.to(self.w.dtype).norm(dim=1)  # ||∇_W L_t||
+        # in float64: with losses of 1e30 the float32 squares in ||∇_W L_t|| and L/L(0) overflow (issue 14)
+        norms = task_grads.double().norm(dim=1)  # ||∇_W L_t||
         initial = self._initial_losses(losses)
-        ratio = losses / initial.clamp_min(torch.finfo(losses.dtype).tiny)
-        inverse_rate = ratio / ratio.mean().clamp_min(torch.finfo(losses.dtype).tiny)
-        weighted, loss_grad, grad = gradnorm_loss(self.w.detach(), norms, inverse_rate, self.alpha)
+        inverse_rate = inverse_training_rate(losses, initial)
+        weighted, loss_grad, grad = (
+            x.to(self.w.dtype) for x in gradnorm_loss(self.w.detach().double(), norms, inverse_rate, self.alpha)
+        )
+        inverse_rate = inverse_rate.to(self.w.dtype)
         optimizer = self._get_optimizer()
         self.w.grad = grad
         optimizer.step()
@@ -202,6 +207,14 @@ class GradNorm(Weighting):
         self._pending_optimizer_state = copy.deepcopy(state["optimizer"])
         self._optimizer = None
         self._last = {}
+
+
+def inverse_training_rate(losses: Tensor, initial: Tensor) -> Tensor:
+    """r_t = L̃_t / mean_j L̃_j with L̃_t = L_t / L_t(0), as ``T·softmax_t(log L_t − log L_t(0))`` in float64: the
+    same value, without overflow (losses 1e30 after 1e-30 overflowed float32's L/L(0): issue 14); r_t ∈ [0, T]."""
+    tiny = torch.finfo(torch.float64).tiny
+    log_ratio = losses.double().clamp_min(tiny).log() - initial.double().clamp_min(tiny).log()
+    return losses.numel() * torch.softmax(log_ratio, dim=0)
 
 
 def gradnorm_loss(w: Tensor, norms: Tensor, inverse_rate: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,8 +19,11 @@ gradients, which is scale-free (the authors divide the Gramian by its norm for t
 tasks whose gradient norms differ by orders of magnitude are solved equally well. A ridge of 1e-10 is
 added to C so that a solution always exists: without it the equations have no positive solution when
 0 lies in the convex hull of the gradients (a Pareto-stationary point), which the paper excludes by
-assumption; elsewhere it changes the solution by ~1e-10 relative. A task whose gradient is exactly
-zero cannot satisfy α_t·0 = 1 and has no influence on the update; it gets α_t = 0.
+assumption; elsewhere it changes the solution by ~1e-10 relative. Where only the ridge makes a solution exist
+(the ridge-free residual stays above 1e-6), the point is Pareto-stationary and α = 0: the update 0 that the
+ridge's huge, cancelling α gave, now logged as what it is (``weighting/fallback``, with a warning). Newton's
+iterations and convergence are logged as ``weighting/iterations`` and ``weighting/converged``.
+A task whose gradient is exactly zero cannot satisfy α_t·0 = 1 and has no influence on the update; it gets α_t = 0.
 
 Options as in the authors' code: ``update_weights_every`` (α is recomputed every that many steps and
 reused in between; default 1) and ``max_norm`` (if ‖Σ_t α_t g_t‖ exceeds it, α is scaled down so it
@@ -39,46 +42,64 @@ from torch import Tensor
 
 from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.solver import SolverReport
 from mtl_experiments.tasks import Task
 
 RIDGE = 1e-10
 TOL = 1e-10
 MAX_ITER = 100
+STATIONARY = 1e-6  # residual of the ridge-free equations above which no positive solution exists
 
 
 def nash_weights(gram: Tensor) -> Tensor:
-    """α ≥ 0 with ``(gram @ α)_t = 1/α_t`` for every task with a non-zero gradient (float64).
+    """α ≥ 0 with ``(gram @ α)_t = 1/α_t`` for every task with a non-zero gradient (float64); see ``solve_nash``."""
+    return solve_nash(gram)[0]
+
+
+def solve_nash(gram: Tensor) -> tuple[Tensor, int, bool, bool]:
+    """``(α, iterations, converged, stationary)``: α ≥ 0 with ``(gram @ α)_t = 1/α_t`` for every task with a
+    non-zero gradient (float64).
 
     Substituting α_t = γ_t/‖g_t‖ turns the equations into γ ⊙ (Cγ) = 1 on the cosine matrix C (unit
     diagonal), so tasks whose gradient norms differ by orders of magnitude are solved equally well.
     A task with a zero gradient has no solution (α_t·0 = 1) and no influence on the update: α_t = 0.
+    ``stationary``: the equations without the ridge have no positive solution (0 lies in the convex hull of the
+    gradients: a Pareto-stationary point, which the paper excludes); α = 0 then, the update that was applied
+    (the ridge's α ~ 1e5 cancelled to an update of 0 but was logged as the weights: issue 14).
     """
     gram = gram.double()
     sq_norms = gram.diagonal()
     live = torch.isfinite(sq_norms) & (sq_norms > 0)
     alpha = torch.zeros_like(sq_norms)
     if not bool(live.any()):
-        return alpha
+        return alpha, 0, True, False
     norms = sq_norms[live].sqrt()
     n = norms.shape[0]
     cos = gram[live][:, live] / torch.outer(norms, norms)
-    cos = cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device)
-    gamma = torch.ones(n, dtype=torch.float64, device=gram.device)  # exact for orthogonal gradients
-    for _ in range(MAX_ITER):
+    gamma, iterations, converged = newton(cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device))
+    if (gamma * (cos @ gamma) - 1).abs().max() > STATIONARY:  # only the ridge made a solution exist
+        return alpha, iterations, converged, True
+    alpha[live] = gamma / norms
+    return alpha, iterations, converged, False
+
+
+def newton(cos: Tensor) -> tuple[Tensor, int, bool]:
+    """``(γ, iterations, converged)``: γ > 0 with γ ⊙ (Cγ) = 1, by damped Newton on ½γᵀCγ − Σ log γ."""
+    gamma = torch.ones(cos.shape[0], dtype=torch.float64, device=cos.device)  # exact for orthogonal gradients
+    for iteration in range(MAX_ITER):
         c_gamma = cos @ gamma
         if (gamma * c_gamma - 1).abs().max() < TOL:
-            break
+            return gamma, iteration, True
         grad = c_gamma - 1 / gamma
         step = torch.linalg.solve(cos + torch.diag(gamma.pow(-2)), grad)
         decrement = math.sqrt(abs(float(grad @ step)))
         if decrement < 1e-12:  # converged to rounding
-            break
+            return gamma, iteration, True
         t = 1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)
         while bool((gamma - t * step <= 0).any()):  # never needed in exact arithmetic (Dikin ellipsoid)
             t /= 2
         gamma = gamma - t * step
-    alpha[live] = gamma / norms
-    return alpha
+    return gamma, MAX_ITER, False
 
 
 class NashMTL(GradientAggregation):
@@ -88,6 +109,7 @@ class NashMTL(GradientAggregation):
         super().__init__(grad_source=grad_source)
         self.max_norm = checks.non_negative_number("loss.max_norm", max_norm, hint="0 disables the cap")
         self.update_weights_every = checks.positive_int("loss.update_weights_every", update_weights_every)
+        self.report = SolverReport("Nash-MTL")
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)
@@ -97,7 +119,12 @@ class NashMTL(GradientAggregation):
 
     def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
         if int(self.step) % self.update_weights_every == 0:
-            self.alpha.copy_(nash_weights((grads @ grads.T).detach()).to(self.alpha.device))
+            alpha, iterations, converged, stationary = solve_nash((grads @ grads.T).detach())
+            self.alpha.copy_(alpha.to(self.alpha.device))
+            fallback = (
+                "0 lies in the convex hull of the task gradients (Pareto-stationary): update 0" if stationary else None
+            )
+            self.report.record(iterations, converged, fallback)
         self.step += 1
         alpha = self.alpha.to(device=grads.device, dtype=grads.dtype)
         update = alpha @ grads
@@ -106,3 +133,6 @@ class NashMTL(GradientAggregation):
             if math.isfinite(norm) and norm > self.max_norm:
                 alpha, update = alpha * (self.max_norm / norm), update * (self.max_norm / norm)
         return update, alpha
+
+    def log_values(self) -> dict[str, Tensor]:
+        return self.report.log_values()

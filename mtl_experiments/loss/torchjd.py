@@ -6,6 +6,9 @@ We do not use TorchJD's ``backward``/``mtl_backward``: they bypass Lightning's `
 ``G[T, P]`` once (``grads.py``) and the aggregator is called on it as a pure function. Aggregators
 that weight the rows of G (``WeightedAggregator``) report those weights; for the others (PCGrad,
 GradDrop, ...) the logged weights are the least-squares effective weights of the update.
+Every aggregator runs in float64 (the Gramian is T×T; the Jacobian is cast once) and its result is cast
+back to the gradients' dtype: TorchJD's numerical cut-offs are relative to the input dtype's machine
+epsilon, which in float32 made Aligned-MTL drop a principal component of J = [[1, 0], [-1000, 1]] (issue 14).
 
 Randomised aggregators draw from the global RNG; each call runs inside ``torch.random.fork_rng``
 seeded from this adapter's own generator, so they neither disturb nor depend on the training RNG
@@ -50,11 +53,14 @@ class TorchJD(GradientAggregation):
             for device in devices:
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)
+            # in float64: TorchJD's cut-offs use the Jacobian's machine epsilon (Aligned-MTL's rank cut-off at
+            # T·eps·λ_max drops a float32 component once two norms differ by ~1e3: issue 14)
+            g = grads.detach().to(torch.float64)
             if isinstance(self.aggregator, WeightedAggregator):
-                weights = self.aggregator.weighting(grads)
-                return weights @ grads, weights
-            update = self.aggregator(grads)
-        return update, effective_weights(grads, update)
+                weights = self.aggregator.weighting(g)
+                return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
+            update = self.aggregator(g)
+        return update.to(grads.dtype), effective_weights(g, update).to(grads.dtype)
 
     def get_extra_state(self) -> dict:
         return {"generator": self._generator.get_state()}
