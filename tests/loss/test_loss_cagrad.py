@@ -85,3 +85,18 @@ def test_cagrad_weights_do_not_depend_on_the_gradient_scale():
     _, w1 = method("cagrad", THREE).aggregate(g)
     _, w2 = method("cagrad", THREE).aggregate(1e-4 * g)
     assert torch.allclose(w1, w2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("c", [0.4, 0.5])
+def test_cagrad_with_a_zero_gradient_reaches_worst_value_zero(c):
+    """Issue 14: J = [[1, 0], [0, 0], [-1.2, 1]]; g_0 = (-1/15, 1/3). Task 2 always contributes g_2ᵀd = 0, so the
+    best worst value is ≤ 0, and d = (0, 1/3) lies in the ball (‖d − g_0‖ = 1/15 ≤ c‖g_0‖ = 0.136 for c = 0.4) with
+    g_1ᵀd = 0, g_3ᵀd = 1/3: the optimum is 0. The old code fell back to d = g_0 (worst value -1/15 = -0.0667)."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.2, 1.0]])
+    w = method("cagrad", THREE, c=c, rescale=0)
+    update, weights = w.aggregate(g)
+    d = update.double() / 3
+    g0 = g.double().mean(0)
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)
+    assert float((g.double() @ d).min()) >= -1e-7
+    assert torch.isfinite(weights).all() and w.log_values()["weighting/fallback"] == 0

@@ -41,6 +41,22 @@ def test_dwa_weights_from_a_loss_history_by_hand():
     assert w(t(1.0, 1.0))[1].tolist() == pytest.approx([1.0, 1.0])
 
 
+def test_dwa_zero_epoch_mean_loss_has_rate_one():
+    """Issue 14: a task with no labelled row in an epoch has epoch-mean loss 0; L(e-1)/L(e-2) = 0/0 made the weights
+    and the total NaN. The documented rule: r_t = 1 where L_t(e-2) = 0. Epoch means (0, 2) then (0, 1):
+    r = (1, 0.5), w = 2·softmax(r/2) = (2e^0.5/(e^0.5 + e^0.25), 2e^0.25/(e^0.5 + e^0.25))."""
+    w = dwa()
+    for losses in [(0.0, 2.0), (0.0, 1.0)]:
+        w(t(*losses))
+        w.on_train_epoch_end(0)
+    total, weights = w(t(0.0, 1.0))
+    a, b = math.exp(0.5), math.exp(0.25)
+    assert weights.tolist() == pytest.approx([2 * a / (a + b), 2 * b / (a + b)])
+    assert total.item() == pytest.approx(2 * b / (a + b))
+    w.on_train_epoch_end(2)  # means (0, 1) then (0, 1): r = (1, 1), equal weights
+    assert w(t(3.0, 1.0))[1].tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_dwa_temperature_and_task_count_by_hand():
     w = DWA(temperature=0.5)
     w.setup(build_tasks({"x": {"kind": "binary"}, "y": {"kind": "binary"}, "z": {"kind": "regression"}}))

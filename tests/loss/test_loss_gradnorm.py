@@ -308,3 +308,17 @@ def test_the_optimizer_is_a_hydra_partial_adam_lr_0025_by_default():
     GlobalHydra.instance().clear()
     sgd = instantiate(cfg.loss, _convert_="all")
     assert (sgd.optimizer_name, sgd.lr) == ("sgd", 0.5)
+
+
+def test_extreme_loss_ratios_stay_finite_in_float32():
+    """Issue 14 (found by the property tests): losses 1e30 after 1e-30 overflowed float32's L/L(0) (1e60) and
+    ||∇_W L||² (1e60), making w NaN. L(0) = (1e-30, 1e30, 1), L = (1e30, 1e-30, 1): L̃ = (1e60, 1e-60, 1),
+    r = L̃/mean(L̃) = (3, 3e-120, 3e-60), i.e. (3, 0, 0) in float32."""
+    g = gradnorm(build_tasks({k: {"kind": "regression"} for k in "abc"}))
+    theta = torch.ones(3, requires_grad=True)
+    for values in ([1e-30, 1e30, 1.0], [1e30, 1e-30, 1.0]):
+        v = torch.tensor(values)
+        g.backward(v * theta, torch.diag(v), [theta], lambda total: total.backward())
+        assert torch.isfinite(g.w).all()
+    rate = g.log_values()
+    assert [float(rate[f"gradnorm/inverse_rate/{k}"]) for k in "abc"] == pytest.approx([3.0, 0.0, 0.0])

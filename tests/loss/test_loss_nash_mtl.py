@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -79,3 +80,19 @@ def test_nash_mtl_update_weights_every_reuses_alpha_and_resumes():
 def test_nash_mtl_zero_gradient_task_gets_zero_weight():
     _, alpha = method("nash_mtl", max_norm=0.0).aggregate(t([[2, 0], [0, 0]]))
     assert alpha.tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_nash_mtl_opposite_gradients_log_the_zero_update_they_apply(caplog):
+    """Issue 14: with g_2 = -g_1 the gradients' hull holds 0 (Pareto-stationary): the equations have no positive
+    solution and the 1e-10 ridge gave α ≈ (1.16e5, 1.16e5), an update of 0 logged as weights of 1.16e5. What is
+    applied is the update 0: α = 0, logged as a fallback with one warning."""
+    w = method("nash_mtl")
+    g = t([[1, 2, 0], [-1, -2, 0]])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            update, alpha = w.aggregate(g)
+            assert update.tolist() == [0.0, 0.0, 0.0] and alpha.tolist() == [0.0, 0.0]
+    assert w.log_values()["weighting/fallback"] == 1 and w.log_values()["weighting/converged"] == 1
+    assert sum("Pareto-stationary" in r.getMessage() for r in caplog.records) == 1  # warned once
+    w.aggregate(t([[1, 0, 0], [0, 1, 0]]))
+    assert w.log_values()["weighting/fallback"] == 0
