@@ -17,8 +17,9 @@ Variant choices:
 - r = 0.7 and β = 0.9 (torch-rechub's defaults); ``target_task`` names the target (default: the first task);
 - m_aux = 0 (an auxiliary task with no gradient yet) leaves that gradient as it is (torch-rechub divides by
   m_aux + 1e-5, which depends on the gradients' scale); the target's own gradient is never rescaled.
-The norms are module state (``norms[components, T]``, saved in checkpoints). The weights logged are the
-coefficients (one component), else the least-squares effective weights of the update.
+The norms are module state (``norms[components, T]``, saved in checkpoints). The weight logged for task t is the
+factor its gradient was scaled by (with several components, their mean weighted by ‖g_kt‖²), not a least-squares
+fit: a target task's weight is exactly 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation, effective_weights
+from mtl_experiments.loss.base import GradientAggregation
 from mtl_experiments.tasks import Task
 
 STRATEGIES = ("both", "reduce", "enlarge")
@@ -82,11 +83,8 @@ class MetaBalance(GradientAggregation):
         norms = torch.stack([p.detach().double().norm(dim=1) for p in parts])  # [K, T]
         self.norms.mul_(self.beta).add_((1 - self.beta) * norms.to(self.norms.device))
         coef = metabalance_coefficients(self.norms, self.target, self.relax_factor, self.strategy)
-        coef = coef.to(device=grads.device, dtype=grads.dtype)
-        update = torch.cat([c @ p for c, p in zip(coef, parts, strict=True)])
-        if len(parts) == 1:
-            return update, coef[0]
-        return update, effective_weights(grads, update)
+        update = torch.cat([c @ p for c, p in zip(coef.to(device=grads.device, dtype=grads.dtype), parts, strict=True)])
+        return update, task_scales(coef, norms.to(coef.device)).to(device=grads.device, dtype=grads.dtype)
 
     def log_values(self) -> dict[str, Tensor]:
         """The norms' moving averages (summed over components), as ``metabalance/norm/<task>``."""
@@ -94,6 +92,14 @@ class MetaBalance(GradientAggregation):
             return {}
         total = self.norms.sum(dim=0)
         return {f"metabalance/norm/{name}": total[i].float() for i, name in enumerate(self.task_names)}
+
+
+def task_scales(coef: Tensor, norms: Tensor) -> Tensor:
+    """``[T]``: the factor task t's gradient was scaled by, Σ_k c_kt‖g_kt‖² / Σ_k ‖g_kt‖² (⟨update_t, g_t⟩/‖g_t‖² for
+    update_t = task t's rescaled gradient); exactly c_t with one component; the mean c_kt for a zero gradient."""
+    sq = norms.square()
+    total = sq.sum(dim=0)
+    return torch.where(total > 0, (coef * sq).sum(dim=0) / total.clamp_min(1e-300), coef.mean(dim=0))
 
 
 def metabalance_coefficients(norms: Tensor, target: int, relax: float, strategy: str) -> Tensor:

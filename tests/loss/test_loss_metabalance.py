@@ -85,12 +85,17 @@ def test_all_matrix_scales_each_shared_tensor_on_its_own():
     mb.setup(THREE, model)
     assert mb.sizes == [12, 4, 8, 2] and mb.norms.shape == (4, 3)
     g = task_gradients(three_losses(layers, 0), list(layers.parameters())).detach()
-    update, _ = mb.aggregate(g)
+    update, weights = mb.aggregate(g)
+    scaled = torch.zeros_like(g)  # each task's rescaled gradient
     for k, part in enumerate(torch.split(g, mb.sizes, dim=1)):
         norms = part.norm(dim=1)
         coef = torch.tensor([1.0, *(0.7 * norms[0] / norms[1:] + 0.3)], dtype=torch.float64)
         start = sum(mb.sizes[:k])
         torch.testing.assert_close(update[start : start + mb.sizes[k]], coef @ part)
+        scaled[:, start : start + mb.sizes[k]] = coef.unsqueeze(1) * part
+    # the weight logged: the factor each task's gradient was scaled by, ⟨scaled_t, g_t⟩/‖g_t‖²; the target's is 1
+    torch.testing.assert_close(weights, (scaled * g).sum(1) / g.square().sum(1))
+    assert weights[0] == 1.0
 
 
 def test_matches_torch_rechubs_metabalance_over_consecutive_steps():
