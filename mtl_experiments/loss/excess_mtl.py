@@ -17,10 +17,11 @@ Variant and simplifications: the baseline E_t(0) is the mean estimate over the f
 which w = 1 (``warmup_steps = 1``: the first step's, as the authors' and LibMTL's code; the paper's appendix C.1
 averages 3 epochs). A task whose baseline is 0 (an exactly zero gradient throughout the warm-up) has no measurable
 excess risk: its E_t/E_t(0) counts as 0. The update is done in log space (no overflow), the statistics in
-float64. The per-task gradients are those the step computes (``grad_source``: the shared parameters, or the shared
-representation, which LibMTL sums over the batch), not the full-model gradients of the paper. Weights apply to the
-losses (one backward of Σ_t w_t·L_t, towers and heads included), as in the authors' code. State (the [T, P]
-accumulator, sized at the first step, the baseline and the weights) is module state, so resume continues exactly.
+float64. The per-task gradients are those of the shared parameters, not the whole model's as in the paper (only
+``grad_source=params``: the Adagrad accumulator needs the same coordinates every step, which the per-row gradients
+of a representation are not). Weights apply to the losses (one backward of Σ_t w_t·L_t, towers and heads
+included), as in the authors' code. State (the [T, P] accumulator, sized at the first step, the baseline and the
+weights) is module state, so resume continues exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ HESSIAN_EPS = 1e-7  # inside the square root of the accumulator (the authors' co
 
 
 class ExcessMTL(GradientAggregation):
+    grad_sources = ("params",)
+
     def __init__(self, robust_step_size: float = 0.01, warmup_steps: int = 1, grad_source: str = "params"):
         super().__init__(grad_source=grad_source)
         hint = "η of the exponentiated weight update; LibMTL's default is 0.01"

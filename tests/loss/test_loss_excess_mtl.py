@@ -14,6 +14,7 @@ from mtl_experiments.loss.excess_mtl import ExcessMTL
 from tests.loss.helpers import F64, random_g
 from tests.loss.helpers import TWO as TASKS
 from tests.loss.helpers import f64 as tensor
+from tests.loss.helpers import method as load
 
 
 def excess(**kwargs) -> ExcessMTL:
@@ -86,3 +87,8 @@ def test_excess_mtl_state_survives_a_state_dict_round_trip():
 def test_excess_mtl_config_errors_name_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"loss\.{key} must .*got {value}"):
         ExcessMTL(**{key: value})
+
+
+def test_excess_mtl_refuses_the_representation():
+    with pytest.raises(ConfigError, match="grad_source"):
+        load("excess_mtl", grad_source="representation")
