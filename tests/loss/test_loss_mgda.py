@@ -35,9 +35,9 @@ def test_mgda_min_norm_point_of_a_pair(g, weights, update):
 
 
 def test_mgda_three_tasks_within_frank_wolfe_tolerance():
-    """(1,1) is dominated: the min-norm point of the hull of (1,0), (0,1), (1,1) is (0.5, 0.5). Frank-Wolfe
-    stops when its step falls below epsilon=1e-3, so the answer is approximate; the min-norm optimality
-    condition ⟨d, g_t⟩ ≥ ‖d‖² holds to the same accuracy."""
+    """(1,1) is dominated: the min-norm point of the hull of (1,0), (0,1), (1,1) is (0.5, 0.5). (Written for the
+    Frank-Wolfe solver stopped at epsilon=1e-3; Wolfe's exact solver meets the same bounds.) The min-norm
+    optimality condition ⟨d, g_t⟩ ≥ ‖d‖² holds to the same accuracy."""
     g = tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     update, weights = load("mgda").aggregate(g)
     assert torch.allclose(update, tensor([0.5, 0.5]), atol=1e-2)
