@@ -190,10 +190,16 @@ def test_resume_around_an_epoch_end(crash, checkpoint_step, make_cfg, tmp_path):
     assert [k for k in reference if not same(resumed[k], reference[k])] == []
 
 
-@pytest.mark.parametrize("loss", ["uncertainty", "gradnorm", "famo", "rlw"])  # dwa: test_resume_around_an_epoch_end
-def test_weighting_state_survives_a_crash(loss, make_cfg, tmp_path):
-    """Learned weights, inner optimisers, loss histories, generators: the resumed run matches exactly."""
-    common = [*RESUMABLE, f"loss={loss}", "trainer.max_epochs=2"]
+# dwa: test_resume_around_an_epoch_end; stch leaves its warm-up (the reference point) after epoch 1
+STATEFUL = ["uncertainty", "gradnorm", "famo", "rlw", "stch:loss.warmup_epochs=1", "moco", "excess_mtl", "db_mtl"]
+
+
+@pytest.mark.parametrize("spec", STATEFUL)
+def test_weighting_state_survives_a_crash(spec, make_cfg, tmp_path):
+    """Learned weights, inner optimisers, loss histories, tracked gradients, generators: the resumed run matches
+    exactly."""
+    loss, *extra = spec.split(":")
+    common = [*RESUMABLE, f"loss={loss}", *extra, "trainer.max_epochs=2"]
     train(make_cfg(*common, f"paths.output_dir={tmp_path / 'reference'}"))
     crash = ["+callbacks.crash._target_=tests.test_resume.CrashAt", "+callbacks.crash.step=30"]
     with pytest.raises(RuntimeError, match="injected crash"):

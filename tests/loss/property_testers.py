@@ -37,6 +37,8 @@ AGGREGATOR_PROPERTIES = (
     "permutation",
     "scaling",
     "cagrad_objective",
+    "imtl_projections",
+    "config_angles",
 )
 ONE_DTYPE = {"precision": torch.float32}  # compares float32 with float64 itself
 LOSS_PROPERTIES = ("zero_losses", "extreme_losses")
@@ -73,6 +75,8 @@ EXEMPT = {
         "db_mtl": "every task's gradient is rescaled to the largest norm: not linear in the row scales",
     },
     "cagrad_objective": {"*": "CAGrad's own objective (max_d min_t g_tᵀd in the ball around g_0)"},
+    "imtl_projections": {"*": "IMTL-G's own promise: equal projections of the update on every unit gradient"},
+    "config_angles": {"*": "ConFIG's own promise: the same angle between the update and every task gradient"},
     "zero_losses": {"gls": "the geometric mean's gradient is undefined at a zero loss: it raises NonFiniteLossError"},
     "extreme_losses": {},
 }
@@ -264,6 +268,22 @@ def check_cagrad_objective(dtype: torch.dtype) -> list[str]:
     return bad
 
 
+def check_equal_projections(name: str, dtype: torch.dtype) -> list[str]:
+    """IMTL-G (Liu et al., ICLR 2021) and ConFIG (Liu et al., ICLR 2025): ``dᵀg_t/‖g_t‖`` is the same for every task
+    and positive (equal projections onto the unit gradients = equal cosines), where the rows are linearly
+    independent (else no such direction need exist)."""
+    bad = []
+    for g in jacobians(dtype):
+        g64 = g.double()
+        if g.shape[1] < g.shape[0] or torch.linalg.matrix_rank(g64) < g.shape[0]:
+            continue
+        d = aggregate(name, g)[0].double()
+        proj = g64 @ d / g64.norm(dim=1)
+        if not (proj.min() > 0 and proj.max() - proj.min() <= 10 * tolerance(g) * proj.abs().max()):
+            bad.append(f"G{tuple(g.shape)}: projections {proj.tolist()}")
+    return bad
+
+
 def cagrad_primal(g, c: float) -> float:
     """max_{‖d − g_0‖ <= c‖g_0‖} min_t g_tᵀd, as max s s.t. g_tᵀd >= s (an independent solve of the primal)."""
     import numpy as np
@@ -291,6 +311,8 @@ def check_aggregator(name: str, prop: str, dtype: torch.dtype) -> list[str]:
         return check_precision(name)
     if prop == "cagrad_objective":
         return check_cagrad_objective(dtype)
+    if prop in ("imtl_projections", "config_angles"):
+        return check_equal_projections(name, dtype)
     return check_special(name, dtype, prop)
 
 
