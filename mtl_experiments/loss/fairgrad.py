@@ -14,9 +14,10 @@ Solver (the authors' and TorchJD's choice): ``scipy.optimize.least_squares`` (tr
 w >= 0, start 1/T) on F, here with the analytic Jacobian and ``ftol = xtol = gtol = tol``. The solve is done on
 A/s (s = the mean squared norm of the non-zero gradients, in float64), and w = s^{−α/(1+α)}·w' maps the root back:
 the answer does not depend on the gradients' scale and float32 inputs solve like float64 ones. Logged every step
-(``train/weighting/fairgrad/*``): evaluations used, the worst relative residual max_t |F_t| / w_t^{−1/α}, and
-whether it is below ``tol_residual``; a warning the first time it is not (no root exists when 0 lies in the
-convex hull of the gradients, e.g. exactly opposite ones: the solver then stops at a best fit).
+(``train/weighting/{iterations,converged,fallback,residual}``, ``loss/solver.py``): evaluations used, the worst
+relative residual max_t |F_t| / w_t^{−1/α}, and whether it is below ``tol_residual``; a warning the first time it
+is not (no root exists when 0 lies in the convex hull of the gradients, e.g. exactly opposite ones: the solver then
+stops at a best fit).
 
 A task whose gradient is exactly zero has no root (w_t → ∞ with no effect on d): it is left out of the solve
 and reports the mean weight of the others (1/T if every gradient is zero, the update then 0).
@@ -25,7 +26,6 @@ and reports the mean weight of the others (1/T if every gradient is zero, the up
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.solver import SolverReport
 
 
 def fairgrad_root(gram: np.ndarray, alpha: float, tol: float, max_iters: int) -> tuple[np.ndarray, int]:
@@ -81,7 +82,7 @@ class FairGrad(GradientAggregation):
         self.register_buffer("iterations", torch.zeros(()))
         self.register_buffer("residual", torch.zeros(()))
         self.register_buffer("converged", torch.ones(()))
-        self.warned = False
+        self.report = SolverReport("FairGrad")
 
     def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
         g = grads.detach().to(torch.float64)
@@ -104,23 +105,14 @@ class FairGrad(GradientAggregation):
         return update.to(grads.dtype), weights_t.to(grads.dtype)
 
     def record(self, evaluations: int, residual: float) -> None:
-        """Keep the solve's evaluations and residual for logging; warn the first time it does not converge."""
+        """Keep the solve's evaluations and residual for logging; warn the first time it does not converge (no root
+        exists when 0 lies in the convex hull of the task gradients: the least-squares best fit is used)."""
         converged = math.isfinite(residual) and residual <= self.tol_residual
         self.iterations.fill_(evaluations)
         self.residual.fill_(residual if math.isfinite(residual) else float("inf"))
         self.converged.fill_(float(converged))
-        if not converged and not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"FairGrad: the solve of G Gᵀ w = w^(-1/α) stopped at relative residual {residual:.3g} after "
-                f"{evaluations} evaluations (no root exists when 0 lies in the convex hull of the task gradients); "
-                "using the best fit. Logged as train/weighting/fairgrad/converged.",
-                stacklevel=2,
-            )
+        fallback = None if converged else f"no root of G Gᵀ w = w^(-1/α) (relative residual {residual:.3g}): best fit"
+        self.report.record(evaluations, converged, fallback)
 
     def log_values(self) -> dict[str, Tensor]:
-        return {
-            "weighting/fairgrad/iterations": self.iterations,
-            "weighting/fairgrad/residual": self.residual,
-            "weighting/fairgrad/converged": self.converged,
-        }
+        return {**self.report.log_values(), "weighting/residual": self.residual}
