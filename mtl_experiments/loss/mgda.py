@@ -12,8 +12,10 @@ point has J·d* = 0.1183 for every task).
 
 Variant chosen: the same min-norm point, solved exactly by Wolfe's minimum-norm-point algorithm (P. Wolfe,
 "Finding the nearest point in a polytope", Math. Programming 11, 1976), an active-set method that terminates
-after finitely many steps, on the T×T Gramian in float64. It stops on the Frank-Wolfe duality gap
-``‖d‖² − min_t g_tᵀd ≤ epsilon·‖d‖²`` (plus float64 rounding of the Gramian), which certifies
+after finitely many steps, in float64 on the gradients' coordinates in an orthonormal basis of their span (QR of
+Gᵀ, not the Gramian G Gᵀ, whose squared conditioning let the solve drift into conflict when gradient norms spread
+over six decades). It stops on the Frank-Wolfe duality gap
+``‖d‖² − min_t g_tᵀd ≤ epsilon·‖d‖²`` (plus float64 rounding of the products), which certifies
 g_tᵀd ≥ (1 − epsilon)‖d‖² for every task. Gradients are not normalised (the paper's method; the authors' code
 offers l2/loss normalisation as an extra). Iterations, convergence and a stall are logged (``weighting/*``).
 """
@@ -27,57 +29,76 @@ from mtl_experiments import checks
 from mtl_experiments.loss.base import GradientAggregation
 from mtl_experiments.loss.solver import SolverReport
 
-ROUNDING = 1e-13  # float64 rounding of ‖d‖² = wᵀAw, relative to the largest ‖g_t‖²
+EPS = torch.finfo(torch.float64).eps
 
 
-def affine_minimum(gram: Tensor, active: Tensor) -> Tensor:
-    """``argmin vᵀAv`` over ``Σv = 1``, ``v = 0`` off ``active`` (the bordered KKT system; Wolfe keeps the active
-    points affinely independent, so it is regular)."""
+def coordinates(g: Tensor) -> Tensor:
+    """Rows ``L`` with ``L Lᵀ = G Gᵀ``: the task gradients in an orthonormal basis of their span (float64, CPU).
+
+    Householder QR of Gᵀ is column-wise backward stable, so each g_t keeps its own relative accuracy however far the
+    norms spread; the Gramian G Gᵀ would square the conditioning and bury a small gradient under a large one's
+    rounding (a weight of 6e-7 on a gradient of norm 673 must be exact to 1e-5 for the promise to hold).
+    """
+    return torch.linalg.qr(g.T, mode="r").R.T.cpu()
+
+
+def affine_minimum(points: Tensor, active: Tensor) -> Tensor:
+    """``v`` minimising ‖vᵀL‖ over ``Σv = 1``, ``v = 0`` off ``active``: the affine hull's nearest point to 0, as the
+    least-squares problem min_c ‖L_b + Σ_i c_i (L_i − L_b)‖ in the points themselves (Wolfe keeps the active points
+    affinely independent, so the differences have full column rank)."""
     idx = active.nonzero().flatten()
-    n = idx.numel()
-    scale = float(gram.diagonal().max())
-    kkt = torch.zeros(n + 1, n + 1, dtype=gram.dtype)
-    kkt[:n, :n] = gram[idx][:, idx] / scale
-    kkt[:n, n] = kkt[n, :n] = 1.0
-    rhs = torch.zeros(n + 1, 1, dtype=gram.dtype)
-    rhs[n] = 1.0
-    v = torch.zeros(gram.shape[0], dtype=gram.dtype)
-    v[idx] = torch.linalg.lstsq(kkt, rhs).solution[:n, 0]
+    idx = idx[points[idx].norm(dim=1).argsort()]  # the shortest point as base: the differences cancel least
+    base, rest = idx[0], idx[1:]
+    v = torch.zeros(points.shape[0], dtype=points.dtype)
+    v[base] = 1.0
+    if rest.numel():
+        diffs = (points[rest] - points[base]).T
+        c = torch.linalg.lstsq(diffs, -points[base].unsqueeze(1)).solution[:, 0]
+        v[rest] = c
+        v[base] = 1.0 - c.sum()
     return v
 
 
-def min_norm_weights(gram: Tensor, epsilon: float, max_iters: int) -> tuple[Tensor, int, bool]:
-    """``(w, iterations, converged)``: the min-norm point's weights on the simplex, by Wolfe's algorithm (float64)."""
-    num_tasks = gram.shape[0]
-    floor = ROUNDING * float(gram.diagonal().max())
-    if floor <= 0:  # every gradient is zero: any w gives d = 0
-        return torch.full((num_tasks,), 1.0 / num_tasks, dtype=gram.dtype), 0, True
-    w = torch.zeros(num_tasks, dtype=gram.dtype)
-    w[gram.diagonal().argmin()] = 1.0
+def min_norm_weights(points: Tensor, epsilon: float, max_iters: int) -> tuple[Tensor, int, bool]:
+    """``(w, iterations, converged)``: the min-norm point of the rows' convex hull, by Wolfe's algorithm (float64)."""
+    num_tasks = points.shape[0]
+    norms = points.norm(dim=1)
+    if float(norms.max()) == 0.0:  # every gradient is zero: any w gives d = 0
+        return torch.full((num_tasks,), 1.0 / num_tasks, dtype=points.dtype), 0, True
+    w = torch.zeros(num_tasks, dtype=points.dtype)
+    w[norms.argmin()] = 1.0
     active = w > 0
     for iteration in range(1, max_iters + 1):
-        products = gram @ w  # g_tᵀd
-        sq_norm = float(w @ products)
+        d = w @ points
+        products = points @ d
+        sq_norm = float(d @ d)
         j = int(products.argmin())
-        if sq_norm - float(products[j]) <= epsilon * sq_norm + floor:  # the duality gap: optimal
+        # d = wᵀL carries rounding of about eps·Σ w_t‖g_t‖, so g_jᵀd and ‖d‖² are known to that times ‖g_j‖ + ‖d‖
+        rounding = 4 * num_tasks * EPS * float((w @ norms) * (norms[j] + d.norm()))
+        if sq_norm - float(products[j]) <= epsilon * sq_norm + rounding:  # the duality gap: optimal
             return w, iteration, True
         if bool(active[j]):  # the best vertex is already in use: rounding stalls the method
             return w, iteration, False
         active[j] = True
-        while True:  # Wolfe's minor cycle: move to the affine minimum, dropping points that leave the hull
-            v = affine_minimum(gram, active)
-            if bool((v[active] > 0).all()):
-                w = v
-                break
-            leaving = active & (v <= 0)
-            ratios = w[leaving] / (w[leaving] - v[leaving])
-            w = w + ratios.min() * (v - w)
-            drop = leaving.nonzero().flatten()[ratios.argmin()]
-            active &= w > 0
-            active[drop] = False
-            w = torch.where(active, w, torch.zeros_like(w))
-            w = w / w.sum()
+        w, active = minor_cycle(points, w, active)
     return w, max_iters, False
+
+
+def minor_cycle(points: Tensor, w: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """Wolfe's minor cycle: move towards the affine minimum, dropping points that leave the hull, until it is
+    inside the simplex of the points still active."""
+    while True:
+        v = affine_minimum(points, active)
+        if bool((v[active] > 0).all()):
+            return v, active
+        leaving = active & (v <= 0)
+        ratios = w[leaving] / (w[leaving] - v[leaving])
+        w = w + ratios.min() * (v - w)
+        drop = leaving.nonzero().flatten()[ratios.argmin()]
+        active = active & (w > 0)
+        active[drop] = False
+        w = torch.where(active, w, torch.zeros_like(w))
+        w = w / w.sum()
 
 
 class MGDA(GradientAggregation):
@@ -92,7 +113,7 @@ class MGDA(GradientAggregation):
 
     def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
         g = grads.detach().to(torch.float64)  # the promise is a sign: float32 rounding of A could flip it
-        weights, iterations, converged = min_norm_weights((g @ g.T).cpu(), self.epsilon, self.max_iters)
+        weights, iterations, converged = min_norm_weights(coordinates(g), self.epsilon, self.max_iters)
         self.report.record(iterations, converged)
         weights = weights.to(g.device)
         return (weights @ g).to(grads.dtype), weights.to(grads.dtype)

@@ -69,15 +69,18 @@ def test_mgda_issue_14_float32_reaches_the_min_norm_point():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mgda_never_conflicts_on_200_random_jacobians(dtype):
-    """MGDA's promise: g_tᵀd ≥ ‖d‖² ≥ 0 for every task (the issue found 7 of 200 conflicting, cosine down to -0.55)."""
+def test_mgda_never_conflicts_on_1000_random_jacobians(dtype):
+    """MGDA's promise: g_tᵀd ≥ ‖d‖² ≥ 0 for every task (the issue found 7 of 200 conflicting, cosine down to -0.55).
+    Norms spread over six decades: solved on the Gramian, seed 186 missed by 1.4e-4·‖d‖² on CI's CPU and seeds up
+    to 4000 by as much as 50·‖d‖²; on the QR coordinates the worst of 20,000 seeds is 1e-6·‖d‖²."""
     w = {t: load("mgda", TASKS[t]) for t in TASKS}
-    for seed in range(200):
+    for seed in range(1000):
         t = 2 + seed % 4
         g = ill_conditioned(seed, t, 3 + seed % 5).to(dtype)
         update, weights = w[t].aggregate(g)
         g64, u64 = g.double(), update.double()
         assert (weights >= 0).all() and float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+        assert w[t].log_values()["weighting/converged"] == 1, seed
         if u64.norm() <= 1e-6 * g64.norm(dim=1).max():  # 0 in the hull (T > P): d = 0 up to rounding, no direction
             continue
         slack = (1e-4 if dtype == torch.float32 else 1e-9) * g64.norm(dim=1) * u64.norm()
