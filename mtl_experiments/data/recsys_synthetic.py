@@ -57,8 +57,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +212,38 @@ def generate(config: WorldConfig) -> dict:
     utility = _utility(config, users, items, user_idx, item_idx, rng)
     return {"users": users, "items": items, "log": _signals(config, users, items, user_idx, item_idx, timestamp,
                                                             utility, category)}  # fmt: skip
+
+
+def generate_windows(config: WorldConfig, windows: int) -> Iterator[tuple[int, dict, dict, dict[str, np.ndarray]]]:
+    """The same world's log in ``windows`` consecutive time windows of ``num_interactions // windows`` rows each
+    (the first ``num_interactions % windows`` windows one more), yielded last window first as ``(k, users, items,
+    log)`` (``generate``'s three parts): one window's rows in memory at a time (scripts/make_log.py). The users,
+    items and feature effects are ``generate``'s; window k draws its impressions and noise from its own streams
+    (``windows=1``: ``generate``'s log exactly). The click / like thresholds are each window's quantiles; ``next_item_id`` links a user's last
+    rows of a window to the first click of a later window (hence last window first).
+    """
+    rng = _streams(config.seed)
+    users, log_activity = _users(config, rng["users"])
+    items, category, popularity = _items(config, rng["items"])
+    users["interested_categories"] = _interests(config, users["factors"], items["centroids"], rng["noise"])
+    span = max(1, int(config.time_span_days * 86400) // windows)  # seconds per window
+    size, extra = divmod(config.num_interactions, windows)
+    next_click = np.zeros(config.num_users + 1, np.int64)  # user id -> item of their first click after this window
+    for k in reversed(range(windows)):
+        rows = size + (k < extra)
+        c = config if windows == 1 else replace(config, num_interactions=rows, time_span_days=span / 86400)
+        streams = rng  # one window: generate's streams, where they are
+        if windows > 1:  # the effects stream from its start (the world's feature effects); log and noise the window's
+            streams = {**_streams(config.seed), "log": np.random.default_rng([config.seed, k, 0]),
+                       "noise": np.random.default_rng([config.seed, k, 1])}  # fmt: skip
+        user_idx, item_idx, timestamp = _impressions(c, log_activity, popularity, streams["log"])
+        utility = _utility(c, users, items, user_idx, item_idx, streams)
+        log_k = _signals(c, users, items, user_idx, item_idx, timestamp + k * span, utility, category)
+        nxt, user = log_k["next_item_id"], log_k["user_id"]
+        log_k["next_item_id"] = np.where(nxt == 0, next_click[user], nxt)
+        first = np.flatnonzero(log_k["click"] > 0)[::-1]  # reversed: the earliest click of each user written last
+        next_click[user[first]] = log_k["item_id"][first]
+        yield k, users, items, log_k
 
 
 def _users(c: WorldConfig, r: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:

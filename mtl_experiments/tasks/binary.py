@@ -12,6 +12,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from mtl_experiments.data.spec import LabelType
 from mtl_experiments.errors import DataError
+from mtl_experiments.metrics.binned import BinnedAUROC
 from mtl_experiments.metrics.grouped import GroupedAUROC
 from mtl_experiments.metrics.task import BinaryLogLoss
 from mtl_experiments.tasks.base import Task
@@ -26,6 +27,7 @@ class BinaryTask(Task):
     output_dim = 1
     label_type = LabelType.BINARY
     fusions = fused_by_default = frozenset({"product", "sum"})
+    auroc_bins: int | None = None  # set by a datamodule (data=stream's data.auroc_bins): AUROC from bin counts
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(output.squeeze(-1), target.to(output.dtype))
@@ -35,7 +37,8 @@ class BinaryTask(Task):
         return torch.sigmoid(output.squeeze(-1).double())
 
     def metrics(self) -> MetricCollection:
-        metrics = {"auroc": BinaryAUROC(), "logloss": BinaryLogLoss(), "accuracy": BinaryAccuracy()}
+        auroc = BinaryAUROC() if self.auroc_bins is None else BinnedAUROC(self.auroc_bins)
+        metrics = {"auroc": auroc, "logloss": BinaryLogLoss(), "accuracy": BinaryAccuracy()}
         if self.group_by is not None:
             metrics["gauc"] = GroupedAUROC()
         return MetricCollection(metrics)
