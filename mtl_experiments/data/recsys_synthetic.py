@@ -219,8 +219,9 @@ def generate_windows(config: WorldConfig, windows: int) -> Iterator[tuple[int, d
     (the first ``num_interactions % windows`` windows one more), yielded last window first as ``(k, users, items,
     log)`` (``generate``'s three parts): one window's rows in memory at a time (scripts/make_log.py). The users,
     items and feature effects are ``generate``'s; window k draws its impressions and noise from its own streams
-    (``windows=1``: ``generate``'s log exactly). The click / like thresholds are each window's quantiles; ``next_item_id`` links a user's last
-    rows of a window to the first click of a later window (hence last window first).
+    (``windows=1``: ``generate``'s log exactly). The click / like thresholds are each window's quantiles;
+    ``next_item_id`` links a user's last rows of a window to the first click of a later window (hence last window
+    first).
     """
     rng = _streams(config.seed)
     users, log_activity = _users(config, rng["users"])
