@@ -1,7 +1,8 @@
 """Hydra callbacks for multiruns: one MLflow parent run per sweep, and torch threads per parallel job.
 
 ``python train.py -m loss=equal,fixed seed=0,1`` creates a parent run (tag ``mtl.role=sweep_parent``, run
-name ``sweep-<sweep dir name>``) before the first job, and every job's run is created as its child (tags
+name ``<data>: <swept keys> (<sweep dir name>)``, ``sweep_name``) before the first job, and every job's run is
+created as its child, named after its swept values first (``metadata.default_run_name``) (tags
 ``mlflow.parentRunId`` and ``mtl.sweep_id``, see ``tracking.sweep_tags``). The parent's id travels in the
 environment variable ``MTL_PARENT_RUN_ID``: set in the launching process, inherited by the worker processes
 of parallel launchers (joblib, submitit), and set again at each job's start from the callback object itself,
@@ -64,6 +65,14 @@ def sweep_params(config: DictConfig) -> dict[str, str]:
             text = override.input_line or ""
             params[f"sweep.{override.get_key_element()}"] = text.split("=", 1)[1] if "=" in text else text
     return params
+
+
+def sweep_name(data: str | None, swept: list[str], folder: str) -> str:
+    """A sweep's parent run name: its data and swept keys first, then its folder (``synthetic: loss x seed
+    (22-32-54-ab12cd)``), so the runs table shows what the sweep compares before it is cut off."""
+    keys = " x ".join(k.rsplit(".", 1)[-1] for k in swept)
+    lead = data if data and "data" not in swept else "sweep"
+    return f"{lead}: {keys} ({folder})" if keys else f"{lead} sweep ({folder})"
 
 
 def _key(override: str) -> str:
@@ -131,6 +140,7 @@ class MLflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent_id is not None:  # a worker whose environment did not carry it (Ray, sbatch --export)
             os.environ[self.env_var] = self._parent_id
+            os.environ[tracking.SWEPT_ENV] = ",".join(self._swept)  # job run names lead with these values
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:
@@ -176,13 +186,14 @@ class MLflowSweepCallback(Callback):
             "mtl.sweep_dir": str(sweep_dir.resolve()),
         }
         self._uri, self._client = uri, None
+        swept = sweep_params(config)
+        self._swept = [k[len("sweep.") :] for k in swept]
+        name = sweep_name(OmegaConf.select(config, "hydra.runtime.choices.data"), self._swept, sweep_dir.name)
         try:
-            run = self._store().create_run(experiment_id, tags=tags, run_name=f"sweep-{sweep_dir.name}")
+            run = self._store().create_run(experiment_id, tags=tags, run_name=name)
         except Exception as e:  # noqa: BLE001 - any store failure becomes one readable message
             raise TrackingError(f"MLflow store {uri} failed while creating the sweep's parent run: {e}") from e
         self._parent_id = run.info.run_id
-        swept = sweep_params(config)
-        self._swept = [k[len("sweep.") :] for k in swept]
         params = [Param(_PARAM_CHARS.sub("_", k), tracking.redact(v)[:6000]) for k, v in swept.items()]
         try:
             self._store().log_batch(self._parent_id, params=params)
@@ -191,6 +202,7 @@ class MLflowSweepCallback(Callback):
 
         self._previous_env = os.environ.get(self.env_var)
         os.environ[self.env_var] = self._parent_id
+        os.environ[tracking.SWEPT_ENV] = ",".join(self._swept)
         self._failed_jobs = 0
         atexit.register(self._end_at_exit)
         log.info(f"MLflow parent run {self._parent_id} ({uri}, experiment {experiment!r})")
@@ -208,6 +220,7 @@ class MLflowSweepCallback(Callback):
             os.environ.pop(self.env_var, None)
         else:
             os.environ[self.env_var] = self._previous_env
+        os.environ.pop(tracking.SWEPT_ENV, None)
         if parent is None:
             return
         client = self._store()

@@ -53,12 +53,12 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
     uri = f"sqlite:///{tmp_path / tracking.DEFAULT_DB}"
     (parent,), children = all_runs(uri)
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == "sweep-sweep"
+    assert parent.info.run_name == "synthetic: loss x seed (sweep)"  # its data and swept keys, then its folder
     assert parent.data.params["sweep.loss"] == "equal,fixed" and parent.data.params["sweep.seed"] == "0,1"
     assert parent.data.metrics["sweep/children"] == 4
     assert (parent.data.metrics["sweep/jobs"], parent.data.metrics["sweep/failed_jobs"]) == (4, 0)
     assert FAILED_OVERRIDES_TAG not in parent.data.tags
-    assert "Sweep sweep-sweep FINISHED: 4 job(s), 4 finished, 0 failed" in proc.stdout
+    assert "Sweep synthetic: loss x seed (sweep) FINISHED: 4 job(s), 4 finished, 0 failed" in proc.stdout
     assert "loss=equal,fixed seed=0,1" in parent.data.tags["overrides"]
 
     assert len(children) == 4
@@ -75,6 +75,10 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
         ("equal", "1"),
         ("fixed", "0"),
         ("fixed", "1"),
+    ]
+    # each name leads with its swept values, then the rest
+    assert sorted(c.info.run_name for c in children) == [
+        f"loss={loss} seed={seed} | synthetic-shared_bottom" for loss in ("equal", "fixed") for seed in (0, 1)
     ]
 
 
@@ -123,7 +127,7 @@ def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp
     (finished,) = summary["finished"]
     assert finished["status"] == "FINISHED" and "optimizer.lr=0.001" in finished["overrides"]
     # and on the console, at the end
-    assert "Sweep sweep-sweep FAILED: 4 job(s), 1 finished, 3 failed" in proc.stderr
+    assert "Sweep synthetic: correlation x lr (sweep) FAILED: 4 job(s), 1 finished, 3 failed" in proc.stderr
     assert "failed job #2 [data.correlation=0.5 optimizer.lr=1e+30] (run " in proc.stderr
 
 
@@ -141,7 +145,7 @@ def test_callback_ends_the_parent_and_restores_the_environment(tmp_path, monkeyp
     ok.on_multirun_start(cfg)
     pid = os.environ[tracking.PARENT_RUN_ENV]
     run = client.get_run(pid)
-    assert (run.info.status, run.info.run_name) == ("RUNNING", "sweep-12-00-00")
+    assert (run.info.status, run.info.run_name) == ("RUNNING", "synthetic sweep (12-00-00)")
     ok.on_job_end(cfg, JobReturn(status=JobStatus.COMPLETED))
     ok.on_multirun_end(cfg)
     assert client.get_run(pid).info.status == "FINISHED"

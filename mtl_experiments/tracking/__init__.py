@@ -4,6 +4,8 @@
 - ``metadata``: what a run records about itself (tags, params, config artifacts);
 - ``logger``: ``ResilientMLFlowLogger`` (buffers through outages, skips resumed steps), final status, ``replay``;
 - ``resume``: reopening a resumed run;
+- ``dataset``: the run's dataset as an MLflow dataset input, its console log as an artifact;
+- ``ui``: the experiment kind and the links that open the MLflow UI on the runs;
 - ``run``: ``with tracking.run(...) as run:`` — the loggers, continue-or-new, FAILED / KILLED, the outage report.
 
 ``python -m mtl_experiments.tracking replay <fallback dir>`` uploads what an outage left behind.
@@ -20,13 +22,19 @@ from mtl_experiments.tracking.metadata import (
     RESUME_COUNT_TAG,
     ROLE_TAG,
     SWEEP_PARENT,
+    SWEPT_ENV,
     changed_params,
+    default_run_name,
     flatten,
     git_commit,
     host,
+    is_run_path,
     log_config_artifacts,
+    path_tags,
+    run_params,
     run_tags,
     sweep_tags,
+    swept_keys,
 )
 from mtl_experiments.tracking.resume import continue_run
 from mtl_experiments.tracking.store import (
@@ -42,9 +50,29 @@ from mtl_experiments.tracking.store import (
     short_http_retries,
     store_lock,
 )
+from mtl_experiments.tracking.ui import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    experiment_url,
+    open_command,
+    run_url,
+    ui_base,
+)
 
 __all__ = [
     "CHECKPOINT_ARTIFACTS",
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING",
+    "SWEPT_ENV",
+    "default_run_name",
+    "experiment_url",
+    "is_run_path",
+    "open_command",
+    "path_tags",
+    "run_params",
+    "run_url",
+    "swept_keys",
+    "ui_base",
     "CHECKPOINT_DIR_TAG",
     "DEFAULT_DB",
     "HOST_TAG",

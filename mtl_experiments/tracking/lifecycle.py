@@ -21,15 +21,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from mtl_experiments.scrub import redact
+from mtl_experiments.tracking.dataset import log_dataset, log_files
 from mtl_experiments.tracking.logger import ResilientMLFlowLogger, mark_failed
 from mtl_experiments.tracking.metadata import (
     CHECKPOINT_DIR_TAG,
     HOST_TAG,
+    default_run_name,
     flatten,
     host,
     log_config_artifacts,
+    path_tags,
+    run_params,
     run_tags,
     sweep_tags,
+    swept_keys,
 )
 from mtl_experiments.tracking.resume import continue_run
 from mtl_experiments.tracking.store import check_tracking_uri, ensure_experiment, last_steps, resolve_tracking_uri
@@ -45,17 +50,25 @@ class TrackedRun:
     mlflow: MLFlowLogger | None
     resume: Any = None  # checkpoints.Resume
     checkpoint_tags: dict[str, str] = field(default_factory=dict)
+    choices: Mapping[str, str] = field(default_factory=dict)  # Hydra's option per config group
 
-    def start(self, params: Mapping[str, Any], run_cfg: DictConfig, overrides: list[str], changed: Mapping) -> None:
-        """Create the MLflow run (params, config artifacts) or reopen the resumed one."""
+    def start(
+        self, params: Mapping[str, Any], run_cfg: DictConfig, overrides: list[str], changed: Mapping, datamodule=None
+    ) -> None:
+        """Create the MLflow run (params, config artifacts, the dataset) or reopen the resumed one. ``params``: the
+        flattened config; per-run paths become tags and each group's choice a param (``metadata.run_params``)."""
         lg, resume = self.mlflow, self.resume
         if lg is None:
             return
+        logged = run_params(params, self.choices)
         if resume is not None and resume.run is not None:
-            continue_run(lg, resume.run, params, changed, resume.checkpoint, self.checkpoint_tags)
+            tags = {**self.checkpoint_tags, **path_tags(params)}  # this attempt's folders
+            continue_run(lg, resume.run, logged, changed, resume.checkpoint, tags)
             return
-        lg.log_hyperparams(params)
+        lg.log_hyperparams(logged)
         log_config_artifacts(lg, run_cfg, overrides)
+        if datamodule is not None and rank_zero_only.rank == 0:
+            log_dataset(lg, datamodule, run_cfg.get("data"), self.choices.get("data"))
         if resume is not None:  # a checkpoint of no known run: a new run, started from it
             lg.experiment.set_tag(lg.run_id, "mtl.resumed_from", redact(str(resume.checkpoint)))
 
@@ -89,7 +102,7 @@ def run(
     tags = {CHECKPOINT_DIR_TAG: checkpoint_dir, HOST_TAG: host()} if checkpoint_dir else {}
     loggers = build_loggers(cfg, choices, overrides, resume, tags, fallback_dir)
     mlflow = next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None)
-    tracked = TrackedRun(loggers, mlflow, resume, tags)
+    tracked = TrackedRun(loggers, mlflow, resume, tags, dict(choices))
     try:
         yield tracked
     except BaseException as e:
@@ -97,6 +110,8 @@ def run(
         raise
     finally:
         if isinstance(mlflow, ResilientMLFlowLogger) and rank_zero_only.rank == 0:
+            if mlflow.started:
+                log_files(mlflow)  # the console log, also of a failed run
             mlflow.report_outages()
 
 
@@ -132,12 +147,11 @@ def mlflow_logger(cfg, factory, choices, overrides, resume, checkpoint_tags, fal
         **run_tags(choices, overrides, loss=cfg.get("loss")),
         **sweep_tags(),  # a job of a multirun: the child of the sweep's parent run
         **(checkpoint_tags or {}),
+        **path_tags(flatten(cfg)),  # where this run writes: tags, not params (metadata.run_params)
         # user tags; a dotted key from the command line (tags.team.name=x) arrives nested: flatten it
         **{k: str(v) for k, v in flatten(factory.keywords.get("tags") or {}).items()},
     }
-    run_name = factory.keywords.get("run_name") or "-".join(
-        [str(choices.get(g, "?")) for g in ("data", "backbone", "loss")] + [f"seed{cfg.seed}"]
-    )
+    run_name = factory.keywords.get("run_name") or default_run_name(choices, overrides, cfg.seed, swept_keys())
     kwargs: dict[str, Any] = {"tracking_uri": uri, "tags": tags, "run_name": run_name}
     cls = ResilientMLFlowLogger if factory.func is MLFlowLogger else factory.func  # a user's subclass is kept
     continues = resume is not None and resume.run is not None

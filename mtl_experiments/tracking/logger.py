@@ -24,8 +24,6 @@ from mtl_experiments.tracking.store import last_steps, short_http_retries
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 def mark_failed(logger, status: str = "FAILED") -> None:
     """End the run as FAILED (or KILLED) so no crashed run is left RUNNING or shown as FINISHED; nothing when no run

@@ -21,14 +21,16 @@ from mtl_experiments.tracking.logger import log_artifacts
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 PARENT_RUN_ENV = "MTL_PARENT_RUN_ID"  # the sweep's parent run id, set by sweep.MLflowSweepCallback for its jobs
 ROLE_TAG, SWEEP_PARENT = "mtl.role", "sweep_parent"
 CHECKPOINT_DIR_TAG, HOST_TAG = "mtl.checkpoint_dir", "mtl.host"  # where resume=<run id> finds last.ckpt
 RESUME_COUNT_TAG = "mtl.resume.count"
 CHECKPOINT_ARTIFACTS = "checkpoints"  # checkpoints/{last,best}.ckpt when callbacks.last_checkpoint.log_to_mlflow
+SWEPT_ENV = "MTL_SWEPT_KEYS"  # the sweep's swept keys, comma-separated, set with PARENT_RUN_ENV for its jobs
+# a config key ending so (or under paths.) is where this run writes: different for every run, so a tag, not a param
+RUN_PATH_KEYS = ("dirpath", "output_dir", "default_root_dir", "save_dir", "log_dir")
+NAME_PARTS = ("data", "backbone", "loss")  # what a default run name says, after the swept values
 
 
 def sweep_tags() -> dict[str, str]:
@@ -46,6 +48,43 @@ def sweep_tags() -> dict[str, str]:
     except (ImportError, ValueError):
         return {}
     return {"mlflow.parentRunId": parent, "mtl.sweep_id": parent}
+
+
+def swept_keys() -> list[str]:
+    """The keys the sweep varies (``$MTL_SWEPT_KEYS``) for a job of a multirun with a parent; [] otherwise."""
+    return [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k] if sweep_tags() else []
+
+
+def is_run_path(key: str) -> bool:
+    """Whether a flattened config key is a location this run writes to (checkpoint folder, output dir)."""
+    return key.startswith("paths.") or key.rsplit(".", 1)[-1] in RUN_PATH_KEYS
+
+
+def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
+    """Hydra's chosen option per config group (``{"loss": "pcgrad", ...}``), without Hydra's own groups."""
+    return {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra")}
+
+
+def run_params(params: Mapping[str, Any], choices: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run logs as MLflow params: the flattened config without its per-run paths (``path_tags``), plus each
+    config group's choice (``loss: pcgrad``), so that the UI's "Show diff only" and parallel coordinates offer the
+    settings that differ between runs, the method among them, and never the folders every run has its own of."""
+    return {**{k: v for k, v in params.items() if not is_run_path(k)}, **group_choices(choices)}
+
+
+def path_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """The per-run paths of the flattened config, as tags (still searchable, not compared as settings)."""
+    return {k: str(v)[:5000] for k, v in params.items() if is_run_path(k) and v is not None}
+
+
+def default_run_name(choices: Mapping[str, Any], overrides: list[str], seed: Any, swept: list[str]) -> str:
+    """What tells runs apart first: a sweep job's swept values (``loss=pcgrad seed=1``, dotted keys by their last
+    part), then ``<data>-<backbone>-<loss>-seed<n>`` without what was already said."""
+    values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    lead = [f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in swept if k in values]
+    rest = [str(choices.get(g, "?")) for g in NAME_PARTS if g not in values or g not in swept]
+    rest += [] if "seed" in swept and "seed" in values else [f"seed{seed}"]
+    return " ".join(lead) + " | " + "-".join(rest) if lead else "-".join(rest)
 
 
 def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, Any]:
@@ -77,7 +116,7 @@ def git_commit() -> str | None:
 def run_tags(choices: Mapping[str, str], overrides: list[str], loss: Mapping | None = None) -> dict[str, str]:
     """Hydra's chosen options (``data``, ``backbone``, ``loss``, ...), the weighting method's
     hyper-parameters (``loss.<key>``, so runs can be filtered by them), overrides, code and versions."""
-    tags = {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra")}
+    tags = group_choices(choices)
     tags.update({f"loss.{k}": str(v) for k, v in flatten(loss or {}).items()})
     tags["overrides"] = redact(" ".join(overrides))[:5000]
     commit = git_commit()
@@ -98,9 +137,14 @@ def log_config_artifacts(logger, cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def changed_params(run, params: Mapping[str, Any]) -> dict[str, tuple[str | None, str | None]]:
-    """{key: (value in the run, value now)} for every param that differs (compared as MLflow stores them)."""
-    old = run.data.params
-    new = {k: str(v)[:250] for k, v in params.items()}
+    """{key: (value in the run, value now)} for every setting that differs (compared as MLflow stores them; per-run
+    paths are tags, and a group's choice param, which mirrors the tag of its name, is told by the group's keys)."""
+    new = {k: str(v)[:250] for k, v in params.items() if not is_run_path(k)}
+    old = {
+        k: v
+        for k, v in run.data.params.items()
+        if not is_run_path(k) and (k in new or run.data.tags.get(k) != v)  # a choice param: not in ``params``
+    }
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

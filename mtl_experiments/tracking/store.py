@@ -20,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl_experiments.errors import ConfigError, TrackingError
 from mtl_experiments.scrub import redact
-
-log = logging.getLogger(__name__)
+from mtl_experiments.tracking.ui import mark_model_training
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +151,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(name)
             exp = exp or client.get_experiment(client.create_experiment(name))
+            mark_model_training(client, exp)  # the UI opens it on its runs, not on GenAI traces (tracking/ui.py)
     except Exception as e:  # noqa: BLE001 - any store failure becomes one readable message
         raise TrackingError(
             f"MLflow store {redact(uri)} failed while opening experiment {name!r}: {redact(str(e))}. {FIX}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import time
@@ -63,9 +65,17 @@ def test_flatten_gives_dotted_params():
     }
 
 
-def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch):
+def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch, tmp_path):
+    """A run through a server records its settings for the UI: choices as params, per-run paths as tags, the
+    experiment as model training, the dataset as a dataset input, the console log (a root log file, as Hydra's)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=1"))
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=1"))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mtl-experiments")
     (run,) = client.search_runs([exp.experiment_id])
@@ -76,6 +86,28 @@ def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch
         "config/config.yaml",
         "config/overrides.yaml",
     }
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    params, tags = run.data.params, run.data.tags
+    assert (params["data"], params["backbone"], params["loss"]) == ("synthetic", "shared_bottom", "equal")
+    assert not [k for k in params if tracking.is_run_path(k)]
+    assert tags["paths.output_dir"] == str(tmp_path / "out")
+    assert tags["callbacks.model_checkpoint.dirpath"] == str(tmp_path / "out" / "checkpoints")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "logs")] == ["logs/train.log"]
+    client.download_artifacts(run.info.run_id, "logs/train.log", str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "logs" / "train.log").read_text() == (tmp_path / "train.log").read_text() != ""
+
+
+def check_dataset_input(run) -> None:
+    """The tiny synthetic data (TINY: 2000 rows of 8 inputs, tasks y1 and y2) as the run's dataset input."""
+    (record,) = run.inputs.dataset_inputs
+    dataset = record.dataset
+    assert (dataset.name, dataset.source_type) == ("synthetic", "code")
+    assert json.loads(dataset.source) == {"generator": "mtl_experiments.data.synthetic.SyntheticDataModule"}
+    assert len(dataset.digest) == 16 and {t.key: t.value for t in record.tags} == {"mlflow.data.context": "train"}
+    columns = [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]]
+    assert columns[-2:] == ["label.y1", "label.y2"] and len(columns) == 10, columns
+    profile = json.loads(dataset.profile)
+    assert profile["num_rows"] == 2000 == profile["train_rows"] + profile["val_rows"] + profile["test_rows"]
 
 
 _RACER = """
