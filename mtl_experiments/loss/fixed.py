@@ -2,6 +2,8 @@
 
 Tuned static weights are the baseline adaptive methods must beat (Xin et al., "Do Current Multi-Task
 Optimization Methods in Deep Learning Even Help?", NeurIPS 2022). Unset weights default to 1.
+``weights`` may also be an object with ``for_tasks(task_names) -> {task: w}`` (``loss/simplex.py``'s
+``SimplexPoint``: a sweep's point on the simplex, resolved once the tasks are known).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from mtl_experiments.tasks import Task
 class Fixed(LossWeighting):
     def __init__(self, weights: Mapping[str, float] | None = None):
         super().__init__()
-        self.weights_cfg = dict(weights or {})
+        self.weights_source = weights if hasattr(weights, "for_tasks") else None
+        self.weights_cfg = {} if self.weights_source is not None else dict(weights or {})
 
     def setup(self, tasks: Mapping[str, Task], model=None) -> None:
         super().setup(tasks, model)
+        if self.weights_source is not None:  # a sweep's point: the task names are known only now
+            self.weights_cfg = self.weights_source.for_tasks(self.task_names)
         unknown = sorted(set(self.weights_cfg) - set(self.task_names))
         if unknown:
             raise ConfigError(
