@@ -50,7 +50,7 @@ def shard_table(users: dict, items: dict, log: dict[str, np.ndarray], first_row:
     return pa.table(columns)
 
 
-def write_log(out: Path, rows: int, shards: int, seed: int = 0, **settings) -> list[Path]:
+def write_log(out: Path, rows: int, shards: int, seed: int = 0, row_group: int = ROW_GROUP, **settings) -> list[Path]:
     """Write ``shards`` files ``part-00000.parquet`` ... of ``rows`` rows in all to ``out``; returns their paths."""
     if shards < 1 or rows < shards:
         raise SystemExit(f"Error: --rows ({rows}) must be >= --shards ({shards}) >= 1 (every shard needs a row).")
@@ -62,7 +62,7 @@ def write_log(out: Path, rows: int, shards: int, seed: int = 0, **settings) -> l
     for k, users, items, log in generate_windows(config, shards):
         path = out / f"part-{k:05d}.parquet"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        pq.write_table(shard_table(users, items, log, int(starts[k])), tmp, row_group_size=ROW_GROUP)
+        pq.write_table(shard_table(users, items, log, int(starts[k])), tmp, row_group_size=row_group)
         os.replace(tmp, path)
         paths.append(path)
     return sorted(paths)

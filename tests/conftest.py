@@ -256,6 +256,12 @@ def tiny_data(request, tmp_path: Path):
         if name == "movielens":
             root = write_movielens(tmp_path / "ml-1m")
             return [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=64"]
+        if name == "stream":  # a recsys_synthetic log as Parquet shards (scripts/make_log.py)
+            from scripts.make_log import write_log
+
+            write_log(tmp_path / "stream-log", rows=1500, shards=3, row_group=256, num_users=100, num_items=50,
+                      latent_dim=4)  # fmt: skip
+            return [f"data.path={tmp_path / 'stream-log'}", "data.batch_size=64", "data.shuffle_buffer=300"]
         if name == "kuairand":
             root = write_kuairand(tmp_path / "kuairand")
             return [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=64"]
