@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from mtl_experiments.compare.groups import MAIN_CHOICES, Group, data_key, group_runs, varying_columns
+from mtl_experiments.compare.groups import MAIN_CHOICES, Group, data_key, drop_duplicates, group_runs, varying_columns
 from mtl_experiments.compare.runs import RunData, Selection
 from mtl_experiments.compare.stats import delta_m, direction, mean_std, metric_order
 from mtl_experiments.errors import ConfigError
@@ -34,6 +34,7 @@ class Comparison:
     metrics_filter: list[str] | None
     notes: list[str]
     table: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)  # repeated config + seed runs counted once
 
     @property
     def tasks(self) -> list[str]:
@@ -104,7 +105,7 @@ def _labels(group: Group, choice_cols: list[str], param_cols: list[str], data_va
     method = [f"{choices.get('backbone', '?')}/{choices.get('loss', '?')}"]
     method += [f"{k}={choices.get(k)}" for k in choice_cols if k not in MAIN_CHOICES]
     method += [f"{k}={group.params.get(k)}" for k in param_cols if not k.startswith("data.")]
-    data = [f"data={choices.get('data', '?')}"] if data_varies else []
+    data = [f"data={group.shown('data') or '?'}"] if data_varies else []
     data += [f"{k}={group.params.get(k)}" for k in param_cols if k.startswith("data.")]
     return " ".join(method), " ".join(data)
 
@@ -142,7 +143,7 @@ def _delta_m_keys(g: Group, metric_keys: list[str], directions: dict, wanted: se
 def _row(g: Group, c: Comparison) -> dict[str, Any]:
     """The CSV row of one group: its columns, mean/std/n per test metric, Δm% and the conflict summaries."""
     row: dict[str, Any] = {"group": g.label}
-    row.update({col: g.choices.get(col) for col in c.choice_columns})
+    row.update({col: g.shown(col) for col in c.choice_columns})
     row.update({p: g.params.get(p) for p in c.param_columns})
     row.update(n=len(g.runs), seeds=",".join(g.seeds), run_ids=",".join(r.run_id for r in g.runs))
     for k in c.metric_keys:
@@ -163,20 +164,35 @@ def _row(g: Group, c: Comparison) -> dict[str, Any]:
     return row
 
 
+def check_metrics(wanted: set[str] | None, metric_keys: Sequence[str]) -> None:
+    """Every ``--metrics`` entry names a test metric the runs report (``auroc`` or ``y1/auroc``): a typo must not
+    silently leave Δm unavailable."""
+    names = sorted({k.split("/", 1)[1] for k in metric_keys})
+    unknown = sorted(w for w in wanted or () if w not in metric_keys and w not in names)
+    if unknown:
+        raise ConfigError(
+            f"--metrics must name test metrics the runs report, got {', '.join(unknown)} (choose from "
+            f"{', '.join(names)}, or per task {', '.join(metric_keys)})."
+        )
+
+
 def compare(selection: Selection, metrics: Sequence[str] | None = None) -> Comparison:
     """Group ``selection``'s runs by configuration and compute every statistic of the table.
 
     ``metrics`` (metric names such as ``auroc``, or ``<task>/<metric>``) restricts the K metrics Δm
     averages over; by default all test metrics of a group with a known direction."""
-    groups = group_runs(selection.runs)
+    runs, repeats = drop_duplicates(selection.runs)
+    groups = group_runs(runs)
     notes: list[str] = []
     if not groups:
         raise ConfigError("No FINISHED runs with test metrics match the selection; nothing to compare.")
-    metric_keys, directions = _metric_keys(selection.runs)
+    metric_keys, directions = _metric_keys(runs)
+    wanted = set(metrics) if metrics else None
+    check_metrics(wanted, metric_keys)
     unknown = [k for k in metric_keys if directions[k] is None]
     if unknown:
         notes.append(f"Left out of Δm (no higher_is_better known for their task kind): {', '.join(unknown)}.")
-    conflict_keys, conflict_pairs = _conflict_keys(selection.runs)
+    conflict_keys, conflict_pairs = _conflict_keys(runs)
 
     choice_cols, param_cols = varying_columns(groups)
     data_varies = len({g.choices.get("data") for g in groups}) > 1
@@ -186,14 +202,9 @@ def compare(selection: Selection, metrics: Sequence[str] | None = None) -> Compa
     groups.sort(key=lambda g: (str(sorted(data_key(g.params))), not g.is_single_task, g.label))
 
     # Δm against the single-task baseline of the same data
-    wanted = set(metrics) if metrics else None
     stl = [g for g in groups if g.is_single_task]
     for g in groups:
         _set_delta_m(g, _delta_m_keys(g, metric_keys, directions, wanted), stl, directions)
-    if wanted:
-        unmatched = sorted(w for w in wanted if not any(w in (k, k.split("/", 1)[1]) for k in metric_keys))
-        if unmatched:
-            notes.append(f"--metrics entries matching no test metric: {', '.join(unmatched)}.")
 
     c = Comparison(
         selection=selection,
@@ -207,6 +218,7 @@ def compare(selection: Selection, metrics: Sequence[str] | None = None) -> Compa
         metrics_filter=list(metrics) if metrics else None,
         notes=notes,
         table=pd.DataFrame(),
+        warnings=repeats,
     )
     c.table = pd.DataFrame([_row(g, c) for g in groups])
     return c

@@ -84,6 +84,12 @@ class Group:
                     out[k].append(v)
         return {k: "|".join(v) for k, v in out.items()}
 
+    def shown(self, column: str) -> str:
+        """A choice column's cell: ``data`` names the file a file-backed dataset read (``tabular (clicks.csv)``)."""
+        value = self.choices.get(column, "")
+        path = self.params.get("data.path") if column == "data" else None
+        return f"{value} ({path})" if path and path != "None" else value
+
     @property
     def seeds(self) -> list[str]:
         return sorted((r.params.get("seed", "?") for r in self.runs), key=lambda s: (len(s), s))
@@ -103,7 +109,34 @@ class Group:
         return (*mean_std(values), len(values))
 
 
+def seed_key(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The values of the seed-following params: two runs of one group with equal seed keys are one sample."""
+    return tuple(sorted((k, v) for k, v in params.items() if k in SEED_PARAMS))
+
+
+def drop_duplicates(runs: Iterable[RunData]) -> tuple[list[RunData], list[str]]:
+    """(runs with each configuration + seed once, one warning per repeat). Runs of identical config and seed (the
+    same sweep run twice, into one experiment) are not independent samples: counting both would shrink the std
+    over seeds. The latest started is kept."""
+    latest: dict[tuple, list[RunData]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
+        latest[(group_key(run.params), seed_key(run.params))].append(run)
+    kept, warnings = [], []
+    for (_, seeds), same in latest.items():
+        kept.append(same[-1])
+        if len(same) > 1:
+            seed = ", ".join(f"{k}={v}" for k, v in seeds) or "no seed"
+            others = ", ".join(r.run_id[:8] for r in same[:-1])
+            warnings.append(
+                f"runs {others} repeat the config and {seed} of run {same[-1].run_id[:8]}; counted once "
+                "(the latest); select one sweep with --parent to compare it alone."
+            )
+    kept.sort(key=lambda r: (r.start_time, r.run_id))
+    return kept, warnings
+
+
 def group_runs(runs: Iterable[RunData]) -> list[Group]:
+    """Runs grouped by configuration (all params but the seed-following and per-run ones), in first-run order."""
     groups: dict[tuple, Group] = {}
     for run in runs:
         key = group_key(run.params)

@@ -22,7 +22,9 @@ OUTPUT_FILES = ("comparison.md", "comparison.csv", "pareto.png")
 def _fmt(mean: float, std: float, digits: int = 4, sign: bool = False) -> str:
     if math.isnan(mean):
         return ""
-    spec = f"{'+' if sign else ''}.{digits}f"
+    # a value that rounds to zero is shown unsigned: the baseline's own Δm (±1e-16 in floating point) is "0.00"
+    spec = f"{'+' if sign and round(mean, digits) != 0 else ''}.{digits}f"
+    mean = 0.0 if round(mean, digits) == 0 else mean
     return f"{mean:{spec}}" if math.isnan(std) else f"{mean:{spec}} ± {std:.{digits}f}"
 
 
@@ -65,11 +67,13 @@ def _header(c: Comparison) -> list[str]:
         if len(k_sets) == 1
         else "over the K test metrics each group reports (CSV column delta_m_metrics)"
     )
+    counted = sum(len(g.runs) for g in c.groups)
+    repeats = f" ({len(sel.runs) - counted} repeating another's config and seed, counted once)" if c.warnings else ""
     lines = [
-        "# Run comparison",
+        f"# Run comparison: {', '.join(sel.experiments) or 'no experiment'}",
         "",
         f"Read {'; '.join(where)}.",
-        f"{len(sel.runs)} FINISHED run(s) in {len(c.groups)} group(s) of runs that differ only by seed; "
+        f"{len(sel.runs)} FINISHED run(s){repeats} in {len(c.groups)} group(s) of runs that differ only by seed; "
         f"{skipped_summary(sel)}.",
         "",
         "Test metrics: mean ± std over seeds (sample std, ddof=1; no ± when n = 1); ↑ higher is better, "
@@ -84,7 +88,7 @@ def _header(c: Comparison) -> list[str]:
             "cos a-b: mean pairwise gradient cosine over training (`conflict/mean/cosine/<a>-<b>`); "
             "conflict a-b: share of measured steps with cosine < 0 (`conflict/mean/rate/<a>-<b>`)."
         )
-    return lines + [f"Note: {n}" for n in c.notes]
+    return lines + [f"Note: {n}" for n in c.notes] + [f"Warning: {w}" for w in c.warnings]
 
 
 def _table(c: Comparison) -> str:
@@ -100,7 +104,7 @@ def _table(c: Comparison) -> str:
                 header.append(f"{title} {pair}")
     rows = []
     for g in c.groups:
-        row = [g.choices.get(col, "") for col in c.choice_columns]
+        row = [g.shown(col) for col in c.choice_columns]
         row += [g.params.get(p, "") for p in c.param_columns]
         row += [str(len(g.runs)), ",".join(g.seeds)]
         for k in c.metric_keys:
@@ -143,49 +147,76 @@ def pareto_keys(c: Comparison, metrics: Sequence[str] | None) -> tuple[str, str]
     return metrics[0], metrics[1]
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+FRONT_STYLES = ("-", "--", ":", "-.")
+
+
+def pareto_styles(groups: Sequence[Group]) -> tuple[dict[str, Any], dict[str, str]]:
+    """({method: colour}, {backbone: marker}): a distinct colour per method (``loss``) and marker per backbone, in
+    order of first appearance (tab10, tab20 beyond ten methods; markers repeat only beyond twelve backbones)."""
+    from matplotlib import colormaps
+
+    methods = list(dict.fromkeys(g.choices.get("loss", "?") for g in groups))
+    backbones = list(dict.fromkeys(g.choices.get("backbone", "?") for g in groups))
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    return colours, {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(backbones)}
+
+
+def _legend_handles(colours: dict[str, Any], markers: dict[str, str], fronts: list) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=f"loss={m}") for m, c in colours.items()]
+    handles += [Line2D([], [], ls="", marker=k, color="0.3", label=f"backbone={b}") for b, k in markers.items()]
+    return handles + fronts
+
+
 def pareto_plot(c: Comparison, metrics: Sequence[str] | None = None):
-    """Task A vs task B test metric, one point per group with std-over-seeds error bars; the
-    non-dominated groups (per data config, directions from higher_is_better) ringed and connected."""
+    """Task A vs task B test metric, one point per group with std-over-seeds error bars: a colour per method, a marker
+    per backbone; the non-dominated groups (per data config, directions from higher_is_better) ringed and joined by
+    that data config's front line; labels placed so that none collides (``compare/labels.py``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: works headless and inside notebooks alike
+
+    from mtl_experiments.compare.labels import place_labels
 
     x_key, y_key = pareto_keys(c, metrics)
     hib = (c.directions[x_key] is not False, c.directions[y_key] is not False)
-    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    colours, markers = pareto_styles(c.groups)
     by_data: dict[tuple, list[Group]] = defaultdict(list)
     for g in c.groups:
         by_data[data_key(g.params)].append(g)
-    for i, (_, groups) in enumerate(by_data.items()):
-        color = f"C{i % 10}"
+    shown, fronts = [], []
+    for i, groups in enumerate(by_data.values()):
         stats = [(g.stat(f"test/{x_key}"), g.stat(f"test/{y_key}")) for g in groups]
-        points = [(sx[0], sy[0]) for sx, sy in stats]
-        front = pareto_front(points, hib)
-        data_label = groups[0].data_label or groups[0].choices.get("data", "data")
+        front = pareto_front([(sx[0], sy[0]) for sx, sy in stats], hib)
         for g, (sx, sy), on_front in zip(groups, stats, front, strict=True):
             if math.isnan(sx[0]) or math.isnan(sy[0]):
                 continue
             ax.errorbar(
-                sx[0],
-                sy[0],
-                xerr=0 if math.isnan(sx[1]) else sx[1],
-                yerr=0 if math.isnan(sy[1]) else sy[1],
-                fmt="o" if on_front else "s",
-                color=color,
-                alpha=1.0 if on_front else 0.45,
-                capsize=3,
-                markersize=8 if on_front else 5,
-            )
-            # the data part is in the legend (one colour per data config), so points carry the method only
-            ax.annotate(g.short_label, (sx[0], sy[0]), textcoords="offset points", xytext=(5, 5), fontsize=7)
-        pts = sorted(p for p, f in zip(points, front, strict=True) if f)
+                sx[0], sy[0], xerr=0 if math.isnan(sx[1]) else sx[1], yerr=0 if math.isnan(sy[1]) else sy[1],
+                fmt=markers[g.choices.get("backbone", "?")], color=colours[g.choices.get("loss", "?")],
+                alpha=1.0 if on_front else 0.5, capsize=3, markersize=8 if on_front else 6,
+                markeredgecolor="black" if on_front else "none",
+            )  # fmt: skip
+            shown.append(((sx[0], sy[0]), g.short_label))
+        pts = sorted((sx[0], sy[0]) for (sx, sy), f in zip(stats, front, strict=True) if f)
         if pts:
-            ax.plot(*zip(*pts, strict=True), "-", color=color, lw=1.5, label=f"Pareto front ({data_label})")
+            data_label = groups[0].data_label or groups[0].shown("data") or "data"
+            style = FRONT_STYLES[i % len(FRONT_STYLES)]
+            fronts += ax.plot(*zip(*pts, strict=True), style, color="0.4", lw=1, label=f"front ({data_label})")
     ax.set_xlabel(f"test {x_key} ({'higher' if hib[0] else 'lower'} is better)")
     ax.set_ylabel(f"test {y_key} ({'higher' if hib[1] else 'lower'} is better)")
-    ax.set_title("Groups (mean ± std over seeds); front: non-dominated groups")
+    ax.set_title("Groups (mean ± std over seeds); ringed and joined: non-dominated")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    ax.margins(0.12)  # room for the labels of the outermost points
+    fig.legend(handles=_legend_handles(colours, markers, fronts), loc="outside right upper", fontsize=8)
+    fig.canvas.draw()  # the layout is final before labels are measured
+    if shown:
+        place_labels(ax, [p for p, _ in shown], [t for _, t in shown])
     return fig
 
 

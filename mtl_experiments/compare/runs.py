@@ -101,6 +101,23 @@ def latest_sweep(client, experiment_ids: list[str]) -> str:
     return found[0].info.run_id
 
 
+def full_run_id(client, run_id: str) -> str:
+    """A run id from its full form or a unique prefix (the 8 characters the tools print)."""
+    if len(run_id) == 32:
+        return run_id
+    from mlflow.entities import ViewType
+
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    # sweep parents first: the ids users copy from a sweep's last line; then every run
+    for where in (f"tags.`{ROLE_TAG}` = '{SWEEP_PARENT}'", ""):
+        found = {r.run_id for r in _search(client, exp_ids, where) if r.run_id.startswith(run_id.lower())}
+        if len(found) == 1:
+            return found.pop()
+        if len(found) > 1:
+            raise ConfigError(f"--parent {run_id} is ambiguous: {', '.join(sorted(found))}; give more characters.")
+    raise ConfigError(f"--parent must be a run id (or its first characters) of the store, got {run_id!r}.")
+
+
 def _experiments(client, uri: str, experiment: str | None, parent: str | None) -> tuple[list[str], list[str]]:
     """(ids, names) of the experiment named, else of the parent run's, else of all experiments."""
     if experiment:
@@ -175,6 +192,7 @@ def load_runs(
     check_readable(uri)
     client = MlflowClient(uri)
     try:
+        parent = full_run_id(client, parent) if parent else None
         exp_ids, exp_names = _experiments(client, uri, experiment, parent)
         if latest:
             parent = latest_sweep(client, exp_ids)
@@ -187,4 +205,7 @@ def load_runs(
     if segment:
         _use_segment(runs, segment)
     kept, skipped = _keep_finished(runs, segment)
-    return Selection(uri, kept, skipped, exp_names, parent, filters, segment)
+    names = dict(zip(exp_ids, exp_names, strict=True))
+    # the header names the experiments the compared runs come from, not every one searched (MLflow's "Default")
+    held = list(dict.fromkeys(names[r.experiment_id] for r in kept if r.experiment_id in names))
+    return Selection(uri, kept, skipped, held or exp_names, parent, filters, segment)
