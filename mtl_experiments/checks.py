@@ -114,6 +114,20 @@ def boolean(key: str, value: Any, hint: str | None = None) -> bool:
     return value
 
 
+def text(key: str, value: Any, hint: str | None = None) -> str:
+    """A non-empty string (a name, a path, an id)."""
+    if not isinstance(value, str) or not value.strip():
+        fail(key, "a non-empty string", value, hint)
+    return value
+
+
+def mapping(key: str, value: Any, hint: str | None = None) -> dict:
+    """A mapping ``{name: value}`` (a YAML dict), returned as a plain dict."""
+    if isinstance(value, str | bytes) or not hasattr(value, "items"):
+        fail(key, "a mapping {name: value}", value, hint)
+    return dict(value.items())
+
+
 def choice(key: str, value: Any, options: Iterable[Any], hint: str | None = None) -> Any:
     """One of ``options``."""
     options = list(options)
