@@ -6,8 +6,10 @@ The dataset (MLflow's ``Dataset`` entity, shown in the runs table's Dataset colu
 - source: the absolute path of ``data.path`` / ``data.root`` (source type ``local``), or for generated data the
   generator (source type ``code``);
 - digest: sha256 (16 hex) of the tensors the run was given (train, val, test: every column, its dtype and shape),
-  so two runs share a digest exactly when they saw the same rows in the same splits;
-- schema: MLflow's column specs (``mlflow_colspec``) of the inputs, ids and labels (``label.<task>``);
+  so two runs share a digest exactly when they saw the same rows in the same splits; for data streamed from disk
+  (no tensors in memory, ``data=stream``) of its rows per split and feature spec only;
+- schema: MLflow's column specs (``mlflow_colspec``) of the inputs, ids and labels (``label.<task>``; none when
+  streamed);
 - profile: ``num_rows`` and the rows of each split.
 """
 
@@ -71,6 +73,8 @@ def source(data_cfg: Mapping[str, Any], choice: str | None) -> tuple[str, str, s
     """(name, source type, source JSON): the absolute file or folder, else the generator."""
     for key in SOURCE_KEYS:
         value = data_cfg.get(key)
+        if value and "://" in str(value):  # a remote store (s3://, gs://): already absolute
+            return f"{choice}:{str(value).rstrip('/').rsplit('/', 1)[-1]}", "local", json.dumps({"uri": redact(value)})
         if value:
             path = (launch_dir() / Path(str(value)).expanduser()).resolve()
             name = f"{choice}:{path.name}" if key == "path" else str(choice)
@@ -85,10 +89,16 @@ def dataset_entity(datamodule, data_cfg: Mapping[str, Any], choice: str | None):
     from mtl_experiments.data.spec import num_rows
 
     splits, spec = datamodule.splits, datamodule.feature_spec
-    rows = {name: num_rows(splits[name]) for name in SPLITS}
     name, source_type, where = source(data_cfg, choice or type(datamodule).__name__)
+    if all(isinstance(splits.get(s), Mapping) for s in SPLITS):
+        rows = {s: num_rows(splits[s]) for s in SPLITS}
+        hashed, schema = digest(splits, spec), schema_json(splits["train"], spec)
+    else:  # streamed: the rows stay on disk
+        rows = {s: int(datamodule.split_rows[s]) for s in SPLITS}
+        text = json.dumps({"rows": rows, "spec": spec.to_dict(), "source": where}, sort_keys=True)
+        hashed, schema = hashlib.sha256(text.encode()).hexdigest()[:16], None
     profile = json.dumps({"num_rows": sum(rows.values()), **{f"{k}_rows": v for k, v in rows.items()}})
-    return Dataset(name, digest(splits, spec), source_type, where, schema_json(splits["train"], spec), profile)
+    return Dataset(name, hashed, source_type, where, schema, profile)
 
 
 def log_dataset(logger, datamodule, data_cfg: Mapping[str, Any] | None, choice: str | None) -> None:
