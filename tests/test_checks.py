@@ -23,6 +23,8 @@ from mtl_experiments.errors import ConfigError
         (lambda: checks.sizes("a.b", [], allow_empty=True), []),
         (lambda: checks.optional(checks.positive_int, "a.b", None), None),
         (lambda: checks.number("a.b", math.inf, finite=False), math.inf),
+        (lambda: checks.text("a.b", "run-1"), "run-1"),
+        (lambda: checks.mapping("a.b", {"y1": 1.0}), {"y1": 1.0}),
     ],
 )
 def test_accepted_values_come_back_converted(call, expected):
@@ -48,6 +50,10 @@ def test_accepted_values_come_back_converted(call, expected):
         (lambda: checks.sizes("backbone.tower_dims", [8, 0]), "positive integer sizes, got [8, 0]"),
         (lambda: checks.sizes("backbone.tower_dims", "64"), "got '64'"),
         (lambda: checks.sizes("backbone.tower_dims", []), "non-empty"),
+        (lambda: checks.text("experiment_name", ""), "experiment_name must be a non-empty string, got ''"),
+        (lambda: checks.text("resume", 3), "a non-empty string, got 3"),
+        (lambda: checks.mapping("loss.weights", [1, 2]), "loss.weights must be a mapping {name: value}, got [1, 2]"),
+        (lambda: checks.mapping("loss.weights", "y1"), "got 'y1'"),
     ],
 )
 def test_refused_values_say_key_rule_and_value(call, message):
