@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mtl_experiments.compare.comparison import compare
+from mtl_experiments.compare.front_output import run_front
 from mtl_experiments.compare.output import log_to_parent, pareto_keys, skipped_summary, to_markdown, write_outputs
 from mtl_experiments.compare.runs import ROLE_TAG, SWEEP_PARENT, load_runs
 from mtl_experiments.errors import ConfigError, MTLError
@@ -49,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics", type=_csv, help="metrics Δm averages over, e.g. auroc,mse or y1/auroc (default: all)")
     p.add_argument("--pareto", type=_csv, help="x,y test metrics of the Pareto plot (default: first metric of 2 tasks)")
+    p.add_argument(
+        "--front",
+        nargs="?",
+        const="",
+        metavar="SWEEP_OR_EXPERIMENT",
+        help="place every method of the selection on the front of the static-weight runs (loss=fixed, e.g. "
+        "hparams_search=scalarization) of this sweep parent run id or experiment (no value: those in the selection); "
+        "--out writes front.md, front.csv, front.png",
+    )
     p.add_argument("--out", type=Path, help="write comparison.md, comparison.csv and pareto.png here")
     p.add_argument("--log-to-parent", action="store_true", help="log the files as artifacts of the parent run")
     return p
@@ -58,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mtl-compare`` / ``python scripts/compare_runs.py``; returns the exit code (2 on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.front is not None and args.log_to_parent:
+        parser.error("--log-to-parent is not available with --front; write its files with --out")
     if args.log_to_parent and not (args.parent or args.latest_sweep):
         parser.error("--log-to-parent needs --parent RUN_ID or --latest-sweep")
     try:
@@ -69,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags=dict(args.tag),
             segment=args.segment,
         )
+        if args.front is not None:
+            run_front(args, selection)
+            return 0
         if not selection.runs:
             raise ConfigError(f"No FINISHED runs with test metrics match the selection ({skipped_summary(selection)}).")
         result = compare(selection, metrics=args.metrics)
