@@ -32,14 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtl-compare",
         description=(
             "Compare tracked runs: group runs that differ only by seed; per-task test metrics as mean ± std, "
-            "Δm%% against single-task runs of the same data (positive = better), conflict summaries; "
+            "Δm% against single-task runs of the same data (positive = better), conflict summaries; "
             "Markdown to stdout, optionally Markdown/CSV/Pareto plot files."
         ),
     )
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--experiment", help="experiment name (default: all experiments, or the parent run's)")
     sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent (sweep) run")
+    sweep.add_argument(
+        "--parent", metavar="RUN_ID", help="only the child runs of this parent (sweep) run; its first 8 characters do"
+    )
     sweep.add_argument(
         "--latest-sweep", action="store_true", help=f"only the children of the latest {ROLE_TAG}={SWEEP_PARENT} run"
     )
@@ -87,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not selection.runs:
             raise ConfigError(f"No FINISHED runs with test metrics match the selection ({skipped_summary(selection)}).")
         result = compare(selection, metrics=args.metrics)
+        for warning in result.warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         if args.pareto:
             pareto_keys(result, args.pareto)  # fail on a bad --pareto before writing anything
         print(to_markdown(result))
