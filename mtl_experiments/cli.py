@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """Runs ``run`` under Hydra; an override Hydra cannot compose (a key the chosen option lacks, a missing option,
-    a syntax error) becomes one ``Error:`` line that says what to use instead, exit code 2."""
+    a syntax error) becomes one ``Error:`` line that says what to use instead, exit code 2 (also a sweep that ended
+    with a job refused by one of our errors; HYDRA_FULL_ERROR=1 keeps Hydra's tracebacks)."""
     asked = os.environ.get(FULL_ERROR) == "1"  # the user wants Hydra's full traceback: leave it to Hydra
     os.environ[FULL_ERROR] = "1"
     try:
@@ -61,6 +62,10 @@ def main() -> float | None:
             raise
         cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""
         print(f"Error: {schema.composition_message(f'{e}{cause}')}", file=sys.stderr)
+    except MTLError as e:  # a sweep's failed job, re-raised by Hydra at the sweep's end: one line, not a traceback
+        if asked:
+            raise
+        print(f"Error: {e}", file=sys.stderr)
     finally:
         if not asked:
             os.environ.pop(FULL_ERROR, None)
