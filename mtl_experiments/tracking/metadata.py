@@ -78,10 +78,11 @@ def path_tags(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def default_run_name(choices: Mapping[str, Any], overrides: list[str], seed: Any, swept: list[str]) -> str:
-    """What tells runs apart first: a sweep job's swept values (``loss=pcgrad seed=1``, dotted keys by their last
-    part), then ``<data>-<backbone>-<loss>-seed<n>`` without what was already said."""
+    """What tells runs apart first: a sweep job's swept values (``pcgrad seed=1``: a group's option alone, other keys
+    as ``<last part of the key>=<value>``; the runs table shows ~17 characters of a name), then
+    ``<data>-<backbone>-<loss>-seed<n>`` without what was already said."""
     values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    lead = [f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in swept if k in values]
+    lead = [values[k] if k in choices else f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in swept if k in values]
     rest = [str(choices.get(g, "?")) for g in NAME_PARTS if g not in values or g not in swept]
     rest += [] if "seed" in swept and "seed" in values else [f"seed{seed}"]
     return " ".join(lead) + " | " + "-".join(rest) if lead else "-".join(rest)

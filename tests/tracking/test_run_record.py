@@ -21,9 +21,9 @@ CHOICES = {"data": "synthetic", "backbone": "mmoe", "loss": "pcgrad", "hydra/lau
     ("overrides", "swept", "name"),
     [
         ([], [], "synthetic-mmoe-pcgrad-seed3"),
-        (["loss=pcgrad", "seed=3", "trainer.max_epochs=2"], ["loss", "seed"], "loss=pcgrad seed=3 | synthetic-mmoe"),
+        (["loss=pcgrad", "seed=3", "trainer.max_epochs=2"], ["loss", "seed"], "pcgrad seed=3 | synthetic-mmoe"),
         (["+optimizer.lr=0.01", "loss=pcgrad"], ["optimizer.lr"], "lr=0.01 | synthetic-mmoe-pcgrad-seed3"),
-        (["data=synthetic", "backbone=mmoe"], ["backbone", "data"], "backbone=mmoe data=synthetic | pcgrad-seed3"),
+        (["data=synthetic", "backbone=mmoe"], ["backbone", "data"], "mmoe synthetic | pcgrad-seed3"),
     ],
 )
 def test_run_name_leads_with_the_swept_values(overrides, swept, name):
