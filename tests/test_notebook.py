@@ -37,6 +37,9 @@ def test_notebook_runs_against_a_tiny_sweep(tmp_path, monkeypatch):
 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # runs clean: no warning on stderr (tqdm's "IProgress not found" TqdmWarning, raised by MLflow's import of
+    # tqdm.auto in a kernel without ipywidgets, which the dev extra now installs)
+    assert not [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
     text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) + o.get("text", "") for o in outputs)
     assert "| +2.81 ± 1.33 |" in text  # the table of test_compare's store, read through the latest sweep
     assert "No train/" not in text  # both histories were found and plotted
