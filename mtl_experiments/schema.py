@@ -404,6 +404,25 @@ def check_dataset_offers(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
         raise ConfigError("data.split=temporal orders rows by time: set data.timestamp_column=<column>.")
 
 
+TASK_KEYED = ("weights", "leak")  # loss settings keyed by task name (loss=fixed's weights, loss=graddrop's leak)
+
+
+def check_task_keys(cfg: DictConfig) -> None:
+    """A loss setting keyed by task names only names tasks the data config defines (when it lists them)."""
+    tasks = value_at(cfg, "data.tasks") if OmegaConf.select(cfg, "data.tasks", default=None) is not None else None
+    loss = cfg.get("loss")
+    if not isinstance(tasks, dict) or not isinstance(loss, DictConfig):
+        return
+    for key in TASK_KEYED:
+        values = value_at(loss, key) if key in loss else None
+        unknown = sorted(set(values) - set(tasks)) if isinstance(values, dict) else []
+        if unknown:
+            raise ConfigError(
+                f"loss.{key} names unknown task(s) {unknown}; the tasks are {list(tasks)} "
+                "(e.g. loss." + key + "={" + ",".join(f"{t}:1.0" for t in tasks) + "})."
+            )
+
+
 def hydra_choices(cfg: DictConfig) -> dict[str, Any]:
     """The config options chosen for this run (``data: synthetic``, ...), from Hydra's runtime."""
     from hydra.core.hydra_config import HydraConfig
@@ -433,6 +452,7 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
             check_shared(cfg[group], group)
     check_epochs(cfg)
     check_dataset_offers(cfg, choices)
+    check_task_keys(cfg)
     metric = value_at(cfg, "optimized_metric") if "optimized_metric" in cfg else SKIP
     if isinstance(metric, str) and not metric.startswith("val/"):
         raise ConfigError(

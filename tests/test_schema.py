@@ -91,6 +91,8 @@ BAD_INPUTS = [
     (["data=tabular", "data.split=cold_user"], ["data.split=cold_user holds users out", "data.id_columns.user_id"]),
     (["data=tabular", "data.tasks={n: {kind: retrieval}}"], ["kind=retrieval names items", "id_columns.item_id"]),
     (["data=census_income", "+data.tasks.n={kind: retrieval}"], ["needs item ids, which data=census_income"]),
+    (["loss=fixed", "loss.weights={y1: 1, clicks: 2}"], ["loss.weights names unknown task(s) ['clicks']", "{y1:1.0"]),
+    (["loss=graddrop", "loss.leak={y3: 0.5}"], ["loss.leak names unknown task(s) ['y3']; the tasks are ['y1', 'y2']"]),
 ]
 
 
