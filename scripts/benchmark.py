@@ -12,6 +12,8 @@ measures and how (all share ``bench.timing``: an untimed warm-up, then the conte
 - ``--one-vs-many``: one multi-task model against T single-task models (``bench.one_vs_many``);
 - ``--sparse-scale``: step time and peak memory of large id tables, dense against sparse, each in a fresh
   process (``bench.sparse_scale``).
+- ``--stream-scale``: peak memory and samples/s of ``data=stream`` against the in-memory ``recsys_synthetic`` at
+  1M and 10M rows (``--rows``), each in a fresh process (``bench.stream_scale``).
 
 The exit code is 0 whatever the numbers: these are measurements, not tests. Run (any Hydra override of
 ``train.py`` applies)::
@@ -24,6 +26,7 @@ The exit code is 0 whatever the numbers: these are measurements, not tests. Run 
     python scripts/benchmark.py --census --json census.json          # plain, lightning, rechub
     python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
     OMP_NUM_THREADS=1 python scripts/benchmark.py --sparse-scale --json sparse.json
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --stream-scale --rows 1000000,10000000 --json stream.json
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtl_experiments.bench import conflict, methods
 from mtl_experiments.bench import one_vs_many as one_vs_many_bench
 from mtl_experiments.bench import sparse_scale as sparse_scale_bench
+from mtl_experiments.bench import stream_scale as stream_scale_bench
 from mtl_experiments.bench import throughput as throughput_bench
 from mtl_experiments.bench.rechub import RECHUB_INSTALL
 from mtl_experiments.errors import MTLError
@@ -78,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per --sparse-scale run (median)")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size of --sparse-scale")
     parser.add_argument("--sparse-scale-one", default=None, help=argparse.SUPPRESS)  # MODE:ROWS, in a child process
+    parser.add_argument("--stream-scale", action="store_true", help="data=stream vs in-memory: peak RSS, samples/s")
+    parser.add_argument("--rows", default="1000000,10000000", help="log sizes for --stream-scale")
+    parser.add_argument("--stream-steps", type=int, default=300, help="training steps per --stream-scale run")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of data=stream in --stream-scale")
+    parser.add_argument(
+        "--log-dir", type=Path, default=Path("stream-bench-logs"), help="where --stream-scale's logs go"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -92,8 +103,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if (args.epochs is not None and args.epochs < 1) or args.repeats < 1:
         parser.error("--epochs and --repeats must be >= 1")
-    if sum([args.methods, args.conflict, args.one_vs_many, args.sparse_scale]) > 1:
-        parser.error("--methods, --conflict, --one-vs-many and --sparse-scale are separate measurements: choose one")
+    if sum([args.methods, args.conflict, args.one_vs_many, args.sparse_scale, args.stream_scale]) > 1:
+        parser.error(
+            "--methods, --conflict, --one-vs-many, --sparse-scale and --stream-scale are separate measurements: "
+            "choose one"
+        )
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
     if args.rechub and (args.methods or args.conflict or args.one_vs_many or args.sparse_scale):
@@ -133,7 +147,13 @@ def sparse_scale_one(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps(sparse_scale_bench.measure_one(args.sparse_scale_one, args.steps, args.batch_size)))
 
 
+def stream_scale(args: argparse.Namespace, overrides: list[str]) -> dict:
+    return stream_scale_bench.run(args.rows, args.stream_steps, args.workers, args.repeats, args.log_dir, overrides)
+
+
 def measurement(args: argparse.Namespace):
+    if args.stream_scale:
+        return stream_scale
     if args.sparse_scale_one:
         return sparse_scale_one
     if args.sparse_scale:

@@ -1,0 +1,181 @@
+"""Logs larger than memory (``--stream-scale``): peak memory and training throughput of ``data=stream`` against the
+in-memory ``recsys_synthetic`` at the same number of rows.
+
+For each size N (``--rows``, default 1M and 10M) the log is written once by ``scripts/make_log.py`` (100k users,
+20k items, one shard per million rows, kept in ``--log-dir``). Each contender then runs in a fresh process
+(``python -m mtl_experiments.bench.stream_scale MODE ROWS LOG_DIR STEPS WORKERS``), so every peak is its own:
+
+- ``stream``: ``data=stream data.path=<log>`` with ``WORKERS`` DataLoader workers (``--workers``, default 2);
+  the statistics pass runs uncached (a fresh cache folder) and is timed: rows/s of the pass;
+- ``memory``: ``data=recsys_synthetic`` with the same users, items and N interactions, generated in memory.
+
+Both train the default model (``backbone=shared_bottom``, the four default tasks, batch 512) for ``--steps``
+steps (default 300) on a bare CPU trainer: samples/s = steps x batch / the wall time of ``fit`` (data loading
+included: that is what streaming costs). Peak RSS = the process's peak resident set size plus the largest peak
+of its DataLoader workers (they are separate processes); set-up time = datamodule construction and ``setup``.
+Goals (issue 13): stream peak RSS flat in N (largest / smallest <= 1.2) and < 3 GB; stream samples/s >= 0.8 x the
+in-memory path at 10M rows; statistics pass >= 1M rows/s. Run with ``OMP_NUM_THREADS=1`` for the docs' figures.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mtl_experiments import checks
+from mtl_experiments.bench.timing import PACKAGE_ROOT, fresh_process, interleaved, peak_rss_mb
+from mtl_experiments.errors import ConfigError
+
+MODULE = "mtl_experiments.bench.stream_scale"
+WORLD = {"num_users": 100_000, "num_items": 20_000}
+BATCH = 512
+
+
+def write_log(rows: int, log_dir: Path) -> Path:
+    """``log_dir/rows-<N>``, written by scripts/make_log.py unless it is there already."""
+    out = log_dir / f"rows-{rows}"
+    shards = max(1, rows // 1_000_000)
+    if len(list(out.glob("part-*.parquet"))) != shards:
+        command = [
+            sys.executable,
+            str(PACKAGE_ROOT / "scripts" / "make_log.py"),
+            "--rows",
+            str(rows),
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--users",
+            str(WORLD["num_users"]),
+            "--items",
+            str(WORLD["num_items"]),
+        ]
+        subprocess.run(command, check=True, cwd=PACKAGE_ROOT)
+    return out
+
+
+def overrides_for(mode: str, rows: int, log: str, workers: int, cache: str) -> list[str]:
+    if mode == "stream":
+        return ["data=stream", f"data.path={log}", f"data.num_workers={workers}", f"data.cache_dir={cache}"]
+    return [
+        "data=recsys_synthetic",
+        f"data.num_interactions={rows}",
+        f"data.num_users={WORLD['num_users']}",
+        f"data.num_items={WORLD['num_items']}",
+        f"data.cache_dir={cache}",
+    ]
+
+
+def measure_one(mode: str, rows: int, log: str, steps: int, workers: int) -> dict:
+    """One contender in this (fresh) process: set-up seconds, pass rows/s (stream), samples/s, peak MB."""
+    import lightning.pytorch as pl
+
+    from mtl_experiments.bench.build import compose_config
+    from mtl_experiments.pipeline import build, build_model, build_module
+
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = compose_config([*overrides_for(mode, rows, log, workers, cache), f"data.batch_size={BATCH}"])
+        pl.seed_everything(cfg.seed)
+        start = time.perf_counter()
+        datamodule = build(cfg, "data")
+        datamodule.setup()
+        setup_s = time.perf_counter() - start
+        module = build_module(cfg, datamodule, build_model(cfg, datamodule))
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        fit_s = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "setup_s": setup_s,
+        "pass_rows_per_s": rows / setup_s if mode == "stream" else None,
+        "samples_per_s": steps * BATCH / fit_s,
+        "peak_mb": peak_rss_mb() + (children if mode == "stream" and workers else 0.0),
+    }
+
+
+def parse_rows(rows: str) -> list[int]:
+    try:
+        out = [int(float(x)) for x in rows.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1000:
+        checks.fail("--rows", "comma-separated row counts >= 1000", rows)
+    return out
+
+
+def report(result: dict) -> None:
+    table = Table(
+        title=f"data=stream vs in-memory recsys_synthetic: {result['steps']} steps of {BATCH}, "
+        f"{result['workers']} stream worker(s), median of {result['repeats']} round(s)"
+    )
+    for column in ("rows", "mode", "peak RSS MB", "samples/s", "set-up s", "pass rows/s"):
+        table.add_column(column, justify="right")
+    for key, r in result["runs"].items():
+        mode, rows = key.split("@")
+        rate = f"{r['pass_rows_per_s']:,.0f}" if r["pass_rows_per_s"] else ""
+        table.add_row(
+            f"{int(rows):,}", mode, f"{r['peak_mb']:.0f}", f"{r['samples_per_s']:,.0f}", f"{r['setup_s']:.1f}", rate
+        )
+    Console(width=140).print(table)
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value:.2f}")
+
+
+def run(rows: str, steps: int, workers: int, repeats: int, log_dir: Path, overrides: list[str] = ()) -> dict:
+    """Writes the logs, measures each (mode, N) in a fresh process, prints the table; returns the numbers."""
+    if overrides:
+        raise ConfigError(f"--stream-scale builds its own configs and takes no Hydra overrides, got {overrides}.")
+    sizes = parse_rows(rows)
+    logs = {n: write_log(n, Path(log_dir)) for n in sizes}
+    runs = {
+        f"{mode}@{n}": lambda mode=mode, n=n: fresh_process(
+            MODULE, [mode, str(n), str(logs[n]), str(steps), str(workers)], f"{mode} with {n} rows"
+        )
+        for n in sizes
+        for mode in ("stream", "memory")
+    }
+    measured = interleaved(runs, repeats)
+    med = {
+        k: {m: sorted(r[m] for r in rs)[len(rs) // 2] if rs[0][m] is not None else None for m in rs[0]}
+        for k, rs in measured.items()
+    }
+    small, large = min(sizes), max(sizes)
+    ratios = {
+        f"stream peak RSS {large:,} / {small:,} rows (goal <= 1.2)": med[f"stream@{large}"]["peak_mb"]
+        / med[f"stream@{small}"]["peak_mb"],
+        f"stream / in-memory samples/s at {large:,} rows (goal >= 0.8)": med[f"stream@{large}"]["samples_per_s"]
+        / med[f"memory@{large}"]["samples_per_s"],
+    }
+    result = {"sizes": sizes, "steps": steps, "workers": workers, "repeats": repeats, "runs": med, "ratios": ratios}
+    report(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process: ``MODE ROWS LOG_DIR STEPS WORKERS``; prints one JSON line."""
+    mode, rows, log, steps, workers = sys.argv[1:] if argv is None else argv
+    print(json.dumps(measure_one(mode, int(rows), log, int(steps), int(workers))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
