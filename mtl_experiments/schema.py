@@ -257,6 +257,8 @@ def check_tasks(key: str, value: Any) -> Any:
 
 def check_weights(key: str, value: Any) -> Any:
     hint = "one weight per task, e.g. loss.weights={y1: 1.0, y2: 2.0}"
+    if isinstance(value, dict) and "_target_" in value:
+        return value  # an object Hydra builds (hparams_search=scalarization's simplex point): its own checks
     for name, weight in checks.mapping(key, value, hint=hint).items():
         checks.non_negative_number(f"{key}.{name}", weight)
     return value
@@ -415,7 +417,7 @@ def check_task_keys(cfg: DictConfig) -> None:
         return
     for key in TASK_KEYED:
         values = value_at(loss, key) if key in loss else None
-        unknown = sorted(set(values) - set(tasks)) if isinstance(values, dict) else []
+        unknown = sorted(set(values) - set(tasks)) if isinstance(values, dict) and "_target_" not in values else []
         if unknown:
             raise ConfigError(
                 f"loss.{key} names unknown task(s) {unknown}; the tasks are {list(tasks)} "

@@ -122,6 +122,14 @@ def test_every_option_passes(group):
         schema.validate(cfg, {**base.hydra.runtime.choices, group: option})
 
 
+@pytest.mark.parametrize("group", ["experiment", "hparams_search"])
+def test_every_global_option_passes(group):
+    """Options that set keys of several groups (``# @package _global_``), composed by Hydra as the CLI does."""
+    for path in sorted((CONF / group).rglob("*.yaml")):
+        cfg = composed((f"{group}={path.relative_to(CONF / group).with_suffix('').as_posix()}",))
+        schema.validate(cfg, dict(cfg.hydra.runtime.choices))
+
+
 @pytest.mark.parametrize("group", ["trainer", "optimizer", "scheduler"])
 def test_every_key_of_the_typed_groups_has_a_rule(group):
     rules = schema.GROUPS[group]
