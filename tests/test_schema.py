@@ -193,3 +193,14 @@ def test_cli_exit_code_2_one_line_nothing_recorded(tmp_path):
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: data.split is not a setting"), result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_help_imports_neither_lightning_nor_mlflow_nor_torch():
+    """``--help`` stays light (issue 17 item 4): what it imports, as Python's own import log lists it."""
+    command = [sys.executable, "-X", "importtime", "train.py", "--help"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train is powered by Hydra" in result.stdout
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")
+    }
+    assert "hydra" in imported and not imported & {"lightning", "mlflow", "torch"}
