@@ -19,14 +19,19 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich import get_console
 from rich.table import Table
 
+from mtl_experiments import checks
+from mtl_experiments.scrub import redact
 from mtl_experiments.tasks.base import LabelType
 
 log = logging.getLogger(__name__)
 
+SUMMARY_GROUPS = ("experiment", "data", "backbone", "loss", "optimizer", "scheduler", "trainer", "debug")
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Lightning's info lines that say nothing about this run: device availability (the trainer's own choice is in
-# the config summary) and an advertisement
-LIBRARY_LINES = re.compile(r"^(GPU available|TPU available|HPU available|💡 Tip: )")
+# the config summary), an advertisement, and the notice that our summary replaces Lightning's default one
+LIBRARY_LINES = re.compile(
+    r"^(GPU available|TPU available|HPU available|💡 Tip: |Trainer already configured with model summary callbacks)"
+)
 WARNINGS = (
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; not ours to fix
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -53,7 +58,11 @@ def quiet_libraries() -> None:
 
 def config_line(output_dir: Path, choices: Mapping[str, Any], overrides: list[str], metric: str, mode: str) -> str:
     """``output <dir> · data=... backbone=... loss=... · <overrides> · selects on <metric> (<mode>)``."""
-    picked = " ".join(f"{k}={v}" for k, v in choices.items() if "/" not in str(k) and v is not None)
+    # the groups that define the experiment, then any other group not left at its default (paths, hydra, ...)
+    shown = [k for k in SUMMARY_GROUPS if choices.get(k) is not None]
+    others = [k for k in choices if k not in SUMMARY_GROUPS and "/" not in str(k)]
+    shown += [k for k in others if choices[k] not in (None, "default")]
+    picked = " ".join(f"{k}={choices[k]}" for k in shown)
     told = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in choices]
     parts = [f"output {Path(output_dir).resolve()}", picked, " ".join(told), f"selects on {metric} ({mode})"]
     return " · ".join(p for p in parts if p)
@@ -72,9 +81,38 @@ def ui_address(tracking_uri: str | None, configured: str | None = None) -> str:
     return configured or DEFAULT_UI
 
 
+def link_line(logger, ui_url: str | None = None) -> str | None:
+    """``Run in the MLflow UI: <link>`` for an MLflow logger's run (None without one); for a file or SQLite store,
+    also the command that serves that UI."""
+    run_id, experiment_id = getattr(logger, "run_id", None), getattr(logger, "experiment_id", None)
+    if not run_id or not experiment_id:
+        return None
+    uri = getattr(logger, "tracking_uri", None)
+    link = redact(run_link(ui_address(uri, ui_url), experiment_id, run_id))
+    line = f"Run in the MLflow UI: [link={link}]{link}[/link]"
+    if uri and not uri.startswith(("http://", "https://")):
+        line += f" (serve it with: mlflow ui --backend-store-uri {redact(uri)})"
+    return line
+
+
+def sweep_end_lines(tracking_uri: str, experiment_id: str, parent_id: str, ui_url: str | None = None) -> list[str]:
+    """What a sweep's end says: its parent run's link and the ``mtl-compare`` command for its runs."""
+    link = redact(run_link(ui_address(tracking_uri, ui_url), experiment_id, parent_id))
+    store = f" --tracking-uri {redact(tracking_uri)}"
+    return [f"Sweep in the MLflow UI: {link}", f"Compare its runs: mtl-compare{store} --parent {parent_id[:8]}"]
+
+
+def print_run_end(trainer, logger) -> None:
+    """After the final table: the run's link, at the UI address of the run's progress bar (``ui_url``)."""
+    bar = trainer.progress_bar_callback
+    line = link_line(logger, getattr(bar, "ui_url", None))
+    if line is not None:
+        get_console().print(line, highlight=False, soft_wrap=True)
+
+
 def print_line(text: str) -> None:
     """One line through rich's console, which the progress bar's live display shares (no torn bar)."""
-    get_console().print(text, highlight=False, soft_wrap=True)
+    get_console().print(text, highlight=False, soft_wrap=True, markup=False)  # overrides like a=[b] are text
 
 
 def _fmt(value: Any) -> str:
@@ -88,6 +126,9 @@ class ConsoleProgressBar(RichProgressBar):
 
     def __init__(self, ui_url: str = DEFAULT_UI, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        hint = "the address `mlflow ui` serves, e.g. http://127.0.0.1:5000"
+        if not checks.text("callbacks.progress_bar.ui_url", ui_url, hint).startswith(("http://", "https://")):
+            checks.fail("callbacks.progress_bar.ui_url", "an http:// or https:// address", ui_url, hint)
         self.ui_url = ui_url
         self.history: list[tuple[int, float]] = []  # (epoch, optimized metric) per validation
         self.predicted: dict[str, tuple[int, int]] = {}  # binary task -> (test rows predicted 1, labelled rows)
@@ -181,7 +222,11 @@ class ConsoleProgressBar(RichProgressBar):
 
 class ModelSummary(RichModelSummary):
     """Lightning's model summary without its FLOPs column and total (zeros: FLOPs are not counted for this model's
-    forward, which takes a dict of tensors)."""
+    forward, which takes a dict of tensors). ``enabled``: the trainer's ``enable_model_summary``, which Lightning
+    applies to its own default summary only."""
+
+    def __init__(self, enabled: bool = True, max_depth: int = 1, **kwargs: Any) -> None:
+        super().__init__(max_depth=max_depth if enabled else 0, **kwargs)
 
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, *a, **kw):
@@ -194,6 +239,6 @@ class ModelSummary(RichModelSummary):
         get_console().print(table)
         frozen = total_parameters - trainable_parameters
         print_line(
-            f"Params: {get_human_readable_count(trainable_parameters)} trainable, "
-            f"{get_human_readable_count(frozen)} frozen ({model_size:.2f} MB)"
+            f"Params: {get_human_readable_count(trainable_parameters).strip()} trainable, "
+            f"{get_human_readable_count(frozen).strip()} frozen ({model_size:.2f} MB)"
         )

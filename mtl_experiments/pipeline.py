@@ -28,6 +28,7 @@ from rich.table import Table
 
 from mtl_experiments import checkpoints, outputs, plots, safe_config, tracking
 from mtl_experiments import resume as resume_lib
+from mtl_experiments.console import config_line, print_line, print_run_end, quiet_libraries
 from mtl_experiments.errors import ConfigError, MTLError
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import metric_directions
@@ -141,6 +142,7 @@ def train(cfg: DictConfig) -> float | None:
 
     In pipeline order: start-up checks (strategy, writable folders, tracking store, ``resume=`` target) -> data
     -> model and module -> callbacks -> inside ``tracking.run``: trainer, the MLflow run, fit, test, summary."""
+    quiet_libraries()  # known library warnings and info lines, each by its message
     choices, overrides = hydra_context(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(OmegaConf.select(cfg, "paths.output_dir", default=None) or tempfile.mkdtemp(prefix="mtl-"))
@@ -151,6 +153,8 @@ def train(cfg: DictConfig) -> float | None:
     # some metric names (val/<task>/gauc needs user ids), so the optimized metric is checked after it
     datamodule.setup()
     resolve_optimized_metric(cfg, datamodule.tasks)  # before anything reads ${optimized_mode}
+    if rank_zero_only.rank == 0:
+        print_line(config_line(output_dir, choices, overrides, cfg.optimized_metric, cfg.optimized_mode))
     run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     params = tracking.flatten(run_cfg)
     changed = resume.check(params) if resume is not None else {}
@@ -168,6 +172,7 @@ def train(cfg: DictConfig) -> float | None:
             print_results(results, datamodule.tasks, segments=datamodule.segments)
             if run.describe():  # what mtl-recommend --run-id and resume= take
                 Console().print(run.describe())
+            print_run_end(trainer, run.mlflow)  # the link to the run in the UI comes last
         return best
 
 
