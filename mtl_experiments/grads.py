@@ -218,13 +218,15 @@ class StepGradients:
     has run, the step's one ``G`` over their union.
 
     ``weighting``: the weighting's inputs (every step, when it aggregates gradients); ``conflict``: the
-    conflict metrics' inputs (on measured steps); ``affinity``: the shared parameters (on lookahead steps).
+    conflict metrics' inputs (on measured steps); ``affinity``: the shared parameters (on lookahead steps);
+    ``tracked``: the shared parameters (on the low-noise estimators' tracked steps).
     ``weighting_norms``: whether the norms of the weighting's rows are ``train/grad_norm/<task>`` (that name
     means the norm over the conflict metrics' inputs when those are on: only the same tensors qualify)."""
 
     weighting: list[Tensor] | None = None
     conflict: list[Tensor] | None = None
     affinity: list[Tensor] | None = None
+    tracked: list[Tensor] | None = None
     weighting_norms: bool = True
     inputs: list[Tensor] | None = None
     grads: Tensor | None = None
@@ -233,13 +235,14 @@ class StepGradients:
     def compute(self, losses: Tensor) -> StepGradients:
         """One ``task_gradients`` call over everything asked for; under DDP the global batch's ``G`` (the same
         on every rank) before anything aggregates or measures it. ``losses``: this rank's own losses."""
-        self.inputs = union_inputs(self.weighting, self.conflict, self.affinity)
+        self.inputs = union_inputs(self.weighting, self.conflict, self.affinity, self.tracked)
         if self.inputs:
             self.grads, self.widths = sync_task_gradients(task_gradients(losses, self.inputs), self.inputs)
         return self
 
     def columns(self, consumer: str) -> Tensor | None:
-        """``G`` over one consumer's inputs (``weighting``, ``conflict``, ``affinity``); None when it asked none."""
+        """``G`` over one consumer's inputs (``weighting``, ``conflict``, ``affinity``, ``tracked``); None when it
+        asked none."""
         wanted = getattr(self, consumer)
         return None if wanted is None else select_columns(self.grads, self.inputs, wanted, self.widths)
 
@@ -253,12 +256,25 @@ def plan(model: Any, weighting: Any, conflict: Any, step: int) -> StepGradients:
     weighting_inputs = weighting.task_grad_inputs(model) if needs else None
     measured = conflict is not None and conflict.config.every_n_steps > 0
     conflict_inputs = grad_inputs(model, conflict.config.source) if measured else None
+    shared = list(model.shared_parameters()) if conflict is not None else None
     return StepGradients(
         weighting=weighting_inputs,
         conflict=conflict_inputs if measured and conflict.measures(step) else None,
-        affinity=list(model.shared_parameters()) if conflict is not None and conflict.affinity_due(step) else None,
+        affinity=shared if conflict is not None and conflict.affinity_due(step) else None,
+        tracked=shared if conflict is not None and conflict.tracks(step) else None,
         weighting_norms=conflict_inputs is None or same_tensors(weighting_inputs, conflict_inputs),
     )
+
+
+def shared_layers(model: nn.Module, shared: Sequence[nn.Parameter]) -> list[tuple[str, int]]:
+    """(layer, columns) of each shared parameter in ``shared``'s order: the layer is the name of the module that
+    owns it (``backbone.bottom.0.weight`` -> ``bottom.0``), the parameter-group the per-layer cosines use."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for p in shared:
+        layer = names[id(p)].rsplit(".", 1)[0] if "." in names[id(p)] else names[id(p)]
+        out.append((layer.removeprefix("backbone."), p.numel()))
+    return out
 
 
 # -- lookahead affinity (Fifty et al. 2021): the model run again after one step per task ------------------

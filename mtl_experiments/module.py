@@ -152,7 +152,8 @@ class MTLModule(pl.LightningModule):
                 "module.conflict.source=representation needs a backbone with one shared representation; "
                 f"{type(backbone).__name__} has none. Use module.conflict.source=params."
             )
-        return ConflictTracker(list(self.tasks), cfg)
+        layers = grads.shared_layers(self.model, self.model.shared_parameters())
+        return ConflictTracker(list(self.tasks), cfg, layers)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -326,6 +327,8 @@ class MTLModule(pl.LightningModule):
         conflict_logs: dict[str, Tensor] = {}
         affinity_logs: dict[str, Tensor] = {}
         shared = self.model.shared_parameters()
+        if plan.tracked is not None:  # before the measurement, whose logs carry the estimators' latest values
+            self.conflict_tracker.track(plan.columns("tracked"))
         if plan.conflict is not None:
             with self._full_precision():
                 conflict_logs = self._measure_conflict(plan.columns("conflict"), shared, weights, step, gates)
@@ -544,6 +547,8 @@ class MTLModule(pl.LightningModule):
         if self.divergence is not None:
             self.divergence.end_epoch()
         counters = self._counters()
+        if self.conflict_tracker is not None:  # the per-epoch series conflict/epoch/...
+            counters.update(self.conflict_tracker.epoch_means())
         if counters and self._trainer is not None and not self.trainer.sanity_checking:
             for logger in self.loggers:
                 logger.log_metrics(counters, step=self.global_step)

@@ -7,6 +7,9 @@
 - One measurement: ms per training step with the metrics measured (and logged) at every step against never,
   both logging every step. Divided by ``every`` x the step time without metrics it estimates the overhead at
   that cadence from many more measurements, so it is far less noisy.
+- One tracked step of the low-noise estimators (``track_every_n_steps``: per-task gradients folded into their
+  averages): ms per step tracking every step against never, divided by ``track_every_n_steps`` x the step time;
+  the estimated overhead is the sum of both parts.
 
 Use ``loss=...`` to measure it under a method (a gradient method already computes the gradients the metrics
 reuse; ``equal`` is the worst case).
@@ -18,13 +21,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments.bench.build import compose_config, lightning_fit, load_data, step_ms, with_conflict
+from mtl_experiments.bench.build import (
+    compose_config,
+    lightning_fit,
+    load_data,
+    step_ms,
+    with_conflict,
+    with_module_option,
+)
 from mtl_experiments.bench.timing import interleaved, medians
 from mtl_experiments.data.spec import num_rows
 
 CONFLICT_ON = "conflict_on"
 CONFLICT_OFF = "conflict_off"
 EVERY_STEP = "measured_every_step"
+TRACKED_EVERY_STEP = "tracked_every_step"
 NEVER = "never_measured"
 CONFLICT_TARGET = 0.05
 
@@ -41,6 +52,12 @@ def report(rates: dict[str, list[float]], ms: dict[str, list[float]], title: str
     Console(width=120).print(table)
 
 
+def with_tracking(cfg, every_n_steps: int, track_every_n_steps: int):
+    """``with_conflict`` with the low-noise estimators tracked every ``track_every_n_steps`` steps (0: never)."""
+    cfg = with_conflict(cfg, every_n_steps)
+    return with_module_option(cfg, "conflict", {**cfg.module.conflict, "track_every_n_steps": track_every_n_steps})
+
+
 def run(overrides: list[str], epochs: int, repeats: int) -> dict:
     """The conflict metrics' cost, whole fits on against off and per measurement; prints the table and the
     overheads and returns the numbers ``--json`` writes."""
@@ -48,9 +65,10 @@ def run(overrides: list[str], epochs: int, repeats: int) -> dict:
     datamodule = load_data(cfg)
     rows = num_rows(datamodule.splits["train"])
     every = (cfg.module.get("conflict") or {}).get("every_n_steps") or 50
-    on_cfg, off_cfg, each_cfg = with_conflict(cfg, every), with_conflict(cfg, 0), with_conflict(cfg, 1)
+    track = (cfg.module.get("conflict") or {}).get("track_every_n_steps") or 0
+    on_cfg, off_cfg = with_tracking(cfg, every, track), with_tracking(cfg, 0, 0)
     fits = {CONFLICT_ON: on_cfg, CONFLICT_OFF: off_cfg}
-    steps = {EVERY_STEP: each_cfg, NEVER: off_cfg}
+    steps = {EVERY_STEP: with_tracking(cfg, 1, 0), TRACKED_EVERY_STEP: with_tracking(cfg, 0, 1), NEVER: off_cfg}
     for run_cfg in fits.values():  # warm-up, untimed
         lightning_fit(run_cfg, datamodule, 1)
     for run_cfg in steps.values():
@@ -62,20 +80,25 @@ def run(overrides: list[str], epochs: int, repeats: int) -> dict:
     median, ms_median = medians(rates), medians(ms)
     overhead = median[CONFLICT_OFF] / median[CONFLICT_ON] - 1
     per_measurement_ms = ms_median[EVERY_STEP] - ms_median[NEVER]
-    estimate = per_measurement_ms / (every * 1e3 * datamodule.batch_size / median[CONFLICT_OFF])
+    per_tracked_ms = ms_median[TRACKED_EVERY_STEP] - ms_median[NEVER]
+    step_ms_off = 1e3 * datamodule.batch_size / median[CONFLICT_OFF]
+    estimate = per_measurement_ms / (every * step_ms_off) + (per_tracked_ms / (track * step_ms_off) if track else 0.0)
     report(
         rates,
         ms,
-        f"conflict metrics every {every} steps vs off: {rows} train rows, batch {datamodule.batch_size}, "
+        f"conflict metrics every {every} steps, tracked every {track or 'never'} vs off: {rows} train rows, "
+        f"batch {datamodule.batch_size}, "
         f"loss {cfg.loss._target_.rsplit('.', 1)[-1]}, {epochs} epoch(s) x {repeats} round(s)",
     )
     print(f"conflict metrics overhead (whole fits) = {overhead:+.1%} (median off / on - 1; target <= 5%)")
     print(
-        f"one measurement costs {per_measurement_ms:+.2f} ms: estimated overhead every {every} steps = {estimate:+.1%}"
+        f"one measurement costs {per_measurement_ms:+.2f} ms, one tracked step {per_tracked_ms:+.2f} ms: estimated "
+        f"overhead measuring every {every} and tracking every {track or 'never'} steps = {estimate:+.1%}"
     )
     return {
         "overrides": overrides,
         "every_n_steps": every,
+        "track_every_n_steps": track,
         "train_rows": rows,
         "epochs": epochs,
         "repeats": repeats,
@@ -86,6 +109,7 @@ def run(overrides: list[str], epochs: int, repeats: int) -> dict:
         "ms_per_step": ms_median,
         "runs_ms_per_step": ms,
         "ms_per_measurement": per_measurement_ms,
+        "ms_per_tracked_step": per_tracked_ms,
         "estimated_overhead": estimate,
         "target_overhead": CONFLICT_TARGET,
     }

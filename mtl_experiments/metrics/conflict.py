@@ -20,7 +20,10 @@ training step, everything but the update cosines and the affinity follows from t
 - lookahead inter-task affinity Z_{i→j} = 1 − L_j(θ_s − η∇_{θ_s}L_i) / L_j(θ_s) on the same batch
   (Fifty et al., "Efficiently Identifying Task Groupings for Multi-Task Learning", NeurIPS 2021), optional;
   computed by ``grads.lookahead_affinity`` (it runs the model), averaged here;
-- for mixture backbones, per-task gate entropy and expert utilisation (see ``ConflictTracker.update_gates``).
+- for mixture backbones, per-task gate entropy and expert utilisation (see ``ConflictTracker.update_gates``);
+- the low-noise estimators ``ema_cosine``, ``accumulated_cosine`` and ``layer_cosine`` (``conflict_averaged.py``):
+  cosines of each task's gradient over the shared parameters averaged over the tracked steps (every
+  ``track_every_n_steps``), which see the tasks' relatedness where one step's cosine sees mostly noise.
 
 Zero gradients: a cosine with a zero vector is 0/0; it is **defined as 0** (neither aligned nor
 conflicting, so it never counts towards the conflict rate), and so is Φ_ij when both norms are 0.
@@ -45,26 +48,45 @@ from torch import Tensor, nn
 from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.grads import GRAD_SOURCES
+from mtl_experiments.metrics.conflict_averaged import GradientAverages, batched_cosine
 from mtl_experiments.metrics.running import RunningMean
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"every_n_steps": 50, "source": "params", "affinity_every_n_steps": 0}
+# keys a mapping leaves out take these values: the low-noise estimators are off unless asked for
+# (conf/module/default.yaml asks for them)
+DEFAULTS = {
+    "every_n_steps": 50,
+    "source": "params",
+    "affinity_every_n_steps": 0,
+    "track_every_n_steps": 0,
+    "ema_beta": 0.95,
+    "accumulate_steps": 20,
+    "initial_steps": 12,
+}
+# the summary that tracks task relatedness (docs/results.md, "Conflict estimators against task correlation")
+HEADLINE = "initial_cosine"
 
 
 # -- configuration -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConflictConfig:
     """``module.conflict``: ``every_n_steps`` (0 = off), ``source`` (params | representation),
-    ``affinity_every_n_steps`` (0 = off). Steps are optimizer steps, counted from 1."""
+    ``affinity_every_n_steps`` (0 = off), ``track_every_n_steps`` (the low-noise estimators' cadence, 0 = off),
+    ``ema_beta`` (their EMA's decay, in [0, 1)), ``accumulate_steps`` (tracked steps per accumulated cosine),
+    ``initial_steps`` (the first tracked steps ``initial_cosine`` averages). Steps are optimizer steps, from 1."""
 
     every_n_steps: int = 0
     source: str = "params"
     affinity_every_n_steps: int = 0
+    track_every_n_steps: int = 0
+    ema_beta: float = 0.95
+    accumulate_steps: int = 20
+    initial_steps: int = 12
 
     @property
     def enabled(self) -> bool:
-        return self.every_n_steps > 0 or self.affinity_every_n_steps > 0
+        return self.every_n_steps > 0 or self.affinity_every_n_steps > 0 or self.track_every_n_steps > 0
 
     @classmethod
     def from_mapping(cls, cfg: Mapping | None) -> ConflictConfig:
@@ -77,9 +99,15 @@ class ConflictConfig:
         if unknown:
             raise ConfigError(f"module.conflict.{unknown[0]} is not an option; valid keys: {sorted(DEFAULTS)}.")
         values = {**DEFAULTS, **cfg}
-        for key in ("every_n_steps", "affinity_every_n_steps"):
+        for key in ("every_n_steps", "affinity_every_n_steps", "track_every_n_steps"):
             hint = f"0 turns it off; default {DEFAULTS[key]}"
             values[key] = checks.non_negative_int(f"module.conflict.{key}", values[key], hint=hint)
+        hint = "the EMA's window is about 1 / (1 - ema_beta) tracked steps; e.g. 0.95"
+        values["ema_beta"] = checks.fraction("module.conflict.ema_beta", values["ema_beta"], open_high=True, hint=hint)
+        hints = {"accumulate_steps": "tracked steps summed per accumulated cosine", "initial_steps": "tracked steps"}
+        for key, hint in hints.items():
+            hint = f"{hint}; e.g. {DEFAULTS[key]}"
+            values[key] = checks.positive_int(f"module.conflict.{key}", values[key], hint=hint)
         checks.choice("module.conflict.source", values["source"], GRAD_SOURCES)
         return cls(**values)
 
@@ -193,6 +221,16 @@ class TaskAffinity(_MeanOverSteps):
         self._add(affinity)
 
 
+class LayerCosine(_MeanOverSteps):
+    """Mean over tracked steps of the per-layer cosines ``[L, T, T]`` of the EMA gradients. ``update(grams)``."""
+
+    def __init__(self, num_layers: int, num_tasks: int, **kwargs):
+        super().__init__((num_layers, num_tasks, num_tasks), **kwargs)
+
+    def update(self, grams: Tensor) -> None:
+        self._add(batched_cosine(grams))
+
+
 class GateEntropy(_MeanOverSteps):
     """Mean over steps of the batch-mean entropy −Σ_e p_e ln p_e of one task's gate ``p[B, E]`` (nats;
     ln E = uniform over the experts, 0 = one expert only)."""
@@ -212,7 +250,9 @@ class ExpertUtilisation(_MeanOverSteps):
 
 
 # -- the tracker the module drives --------------------------------------------------------------------
-PAIRWISE = ("cosine", "magnitude", "rate")  # symmetric: pairs a-b with a before b in config order
+# symmetric: pairs a-b with a before b in config order
+PAIRWISE = ("cosine", "magnitude", "rate", "ema_cosine", "accumulated_cosine", "initial_cosine")
+TRACKED = ("ema_cosine", "accumulated_cosine")  # logged per step (their latest value) at the measured steps
 SCALARS = ("update_cosine", "worst_update_cosine")
 
 
@@ -224,13 +264,17 @@ class ConflictTracker(nn.Module):
     ``train/conflict/affinity/<i>-<j>`` (i ≠ j), ``train/gate/entropy/<task>``,
     ``train/gate/utilisation/<task>/e<k>``. The run-level summaries are ``conflict/mean/<name>`` and
     ``conflict/last_epoch/<name>`` with <name> the per-step key without ``train/`` and ``conflict/``.
-    The rate logged per step is the running share so far.
+    The rate logged per step is the running share so far. The low-noise estimators (``track``):
+    ``{ema_cosine,accumulated_cosine}/<a>-<b>`` and ``layer_cosine/<layer>/<a>-<b>`` (summaries and per-epoch
+    series only); ``layers``: (layer name, columns) of each shared parameter, in ``G``'s column order.
+    ``conflict/epoch/<name>``: each training epoch's mean (``epoch_means``).
     """
 
-    def __init__(self, task_names: Sequence[str], config: ConflictConfig):
+    def __init__(self, task_names: Sequence[str], config: ConflictConfig, layers: Sequence[tuple[str, int]] = ()):
         super().__init__()
         self.task_names, self.config = list(task_names), config
         t = len(self.task_names)
+        self.averages = GradientAverages(config.ema_beta, config.accumulate_steps, layers)
         self.pairs = list(combinations(range(t), 2))
         self.metrics = nn.ModuleDict(
             {
@@ -241,8 +285,13 @@ class ConflictTracker(nn.Module):
                 "update_cosine": UpdateCosine(),
                 "worst_update_cosine": WorstUpdateCosine(),
                 "affinity": TaskAffinity(t),
+                "ema_cosine": PairwiseCosine(t),
+                "accumulated_cosine": PairwiseCosine(t),
+                "initial_cosine": PairwiseCosine(t),
             }
         )
+        if layers:
+            self.metrics["layer_cosine"] = LayerCosine(len(self.averages.layer_names), t)
         # keyed by task index: ModuleDict keys may not shadow Module attributes (a task named "train")
         self.gate_entropy = nn.ModuleDict({f"task{i}": GateEntropy() for i in range(t)})
         self.expert_utilisation = nn.ModuleDict()  # created at the first gates seen (E is known then)
@@ -256,6 +305,10 @@ class ConflictTracker(nn.Module):
 
     def affinity_due(self, step: int) -> bool:
         n = self.config.affinity_every_n_steps
+        return n > 0 and step % n == 0
+
+    def tracks(self, step: int) -> bool:
+        n = self.config.track_every_n_steps
         return n > 0 and step % n == 0
 
     # -- updates: each returns this step's values under their logged keys ------------------------
@@ -273,8 +326,23 @@ class ConflictTracker(nn.Module):
         for name in SCALARS:
             self.metrics[name].update(gram, gu, uu)
             values[name] = self.metrics[name].last
+        for name in TRACKED:  # the low-noise estimators' latest values ride along
+            last = getattr(self.metrics[name], "last", None)
+            if last is not None:
+                values[name] = last
         self.history.append((step, weights.detach().double().cpu(), values["grad_norm"].detach().cpu()))
         return self._step_keys(values)
+
+    def track(self, grads: Tensor) -> None:
+        """One tracked step: ``G[T, P]`` over the shared parameters folded into the averages (nothing logged)."""
+        ema, layers, block = self.averages.update(grads)
+        self.metrics["ema_cosine"].update(ema)
+        if int(self.metrics["initial_cosine"].count) < self.config.initial_steps:
+            self.metrics["initial_cosine"].update(ema)
+        if layers is not None:
+            self.metrics["layer_cosine"].update(layers)
+        if block is not None:
+            self.metrics["accumulated_cosine"].update(block)
 
     def update_affinity(self, affinity: Tensor) -> dict[str, Tensor]:
         self.metrics["affinity"].update(affinity)
@@ -323,11 +391,10 @@ class ConflictTracker(nn.Module):
             if int(m.count) == 0:
                 continue
             out.update({f"conflict/mean/{k}": float(v) for k, v in self._names(key, m.sum / m.count).items()})
-            s0, c0 = self._epoch_start.get(key, (torch.zeros_like(m.sum), torch.zeros_like(m.count)))
-            if int(m.count - c0) == 0:
+            last = self._epoch_mean(key, m)
+            if last is None:
                 empty_last_epoch = True
                 continue
-            last = (m.sum - s0.to(m.sum)) / (m.count - c0.to(m.count))
             out.update({f"conflict/last_epoch/{k}": float(v) for k, v in self._names(key, last).items()})
         if empty_last_epoch:
             log.warning(
@@ -337,6 +404,23 @@ class ConflictTracker(nn.Module):
                 self.config.every_n_steps,
                 self.config.affinity_every_n_steps,
             )
+        return out
+
+    def _epoch_mean(self, key: str, m: _MeanOverSteps) -> Tensor | None:
+        """The mean over this epoch's measurements (since ``start_epoch``), None when there were none."""
+        s0, c0 = self._epoch_start.get(key, (torch.zeros_like(m.sum), torch.zeros_like(m.count)))
+        if int(m.count - c0.to(m.count)) == 0:
+            return None
+        return (m.sum - s0.to(m.sum)) / (m.count - c0.to(m.count))
+
+    def epoch_means(self) -> dict[str, float]:
+        """``conflict/epoch/<name>``: this training epoch's mean of every metric measured in it (the per-epoch
+        series; the module logs it at each training epoch's end)."""
+        out: dict[str, float] = {}
+        for key, m in self._all_metrics().items():
+            mean = self._epoch_mean(key, m)
+            if mean is not None:
+                out.update({f"conflict/epoch/{k}": float(v) for k, v in self._names(key, mean).items()})
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -350,6 +434,7 @@ class ConflictTracker(nn.Module):
             "metrics": {k: [m.sum, m.count] for k, m in metrics.items()},
             "epoch_start": {k: list(v) for k, v in self._epoch_start.items()},
             "history": [list(h) for h in self.history],
+            "averages": self.averages.state(),
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -361,6 +446,8 @@ class ConflictTracker(nn.Module):
             metric.sum, metric.count = total.to(metric.sum.device), count.to(metric.count.device)
         self._epoch_start = {k: (v[0], v[1]) for k, v in state["epoch_start"].items()}
         self.history = [(int(h[0]), h[1], h[2]) for h in state["history"]]
+        if "averages" in state:  # absent from checkpoints written before the low-noise estimators
+            self.averages.load(state["averages"])
 
     def mean_cosine(self) -> Tensor | None:
         m = self.metrics["cosine"]
@@ -375,6 +462,13 @@ class ConflictTracker(nn.Module):
         if key == "affinity":
             t = range(len(names))
             return {f"affinity/{names[i]}-{names[j]}": value[i, j] for i in t for j in t if i != j}
+        if key == "layer_cosine":
+            layers = self.averages.layer_names
+            return {
+                f"layer_cosine/{layer}/{names[i]}-{names[j]}": value[k, i, j]
+                for k, layer in enumerate(layers)
+                for i, j in self.pairs
+            }
         if key == "grad_norm":
             return {f"grad_norm/{n}": value[i] for i, n in enumerate(names)}
         if key.startswith("gate/utilisation/"):

@@ -78,12 +78,14 @@ def test_conflict_mode_reports_the_overhead_of_the_conflict_metrics(tmp_path):
         + ["data.num_samples=1000", "module.conflict.every_n_steps=2"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert "conflict metrics overhead" in proc.stdout
     result = json.loads(out.read_text())
     assert set(result["samples_per_s"]) == {"conflict_on", "conflict_off"} and result["every_n_steps"] == 2
+    assert set(result["ms_per_step"]) == {"measured_every_step", "tracked_every_step", "never_measured"}
+    assert result["track_every_n_steps"] == 5  # conf/module/default.yaml's cadence
     assert all(ms > 0 for ms in result["ms_per_step"].values())
     assert isinstance(result["overhead"], float) and isinstance(result["estimated_overhead"], float)
 

@@ -155,7 +155,12 @@ def test_bad_conflict_config_names_the_key(cfg, message):
 def test_conflict_config_defaults_and_errors_before_a_run_exists(make_cfg, mlflow_runs):
     assert ConflictConfig.from_mapping({}) == ConflictConfig(50, "params", 0)
     assert not ConflictConfig.from_mapping(None).enabled  # constructed without it: off
-    assert make_cfg().module.conflict == {"every_n_steps": 50, "source": "params", "affinity_every_n_steps": 0}
+    assert make_cfg().module.conflict == {
+        "every_n_steps": 50,
+        "source": "params",
+        "affinity_every_n_steps": 0,
+        **{"track_every_n_steps": 5, "ema_beta": 0.95, "accumulate_steps": 20, "initial_steps": 12},
+    }
     with pytest.raises(ConfigError, match="module.conflict.every_n_steps must be an integer >= 0"):
         pipeline.train(make_cfg("module.conflict.every_n_steps=-1"))
     assert mlflow_runs() == []
