@@ -29,7 +29,6 @@ batch (the ranks' shares together), so every rank applies the same update and th
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,10 +121,11 @@ class MTLModule(pl.LightningModule):
         self.weighting.setup(self.tasks, model)
         self._shares_parameters = bool(model.shared_parameters())
         if weighting.needs_task_grads and not self._shares_parameters:
-            warnings.warn(
-                f"{type(weighting).__name__} aggregates gradients of shared parameters, but "
-                f"{type(model.backbone).__name__} shares none: here it acts as equal weighting.",
-                stacklevel=2,
+            # logged, not warnings.warn: Hydra builds the module, so a warning's line would point into Hydra
+            log.warning(
+                "%s aggregates gradients of shared parameters, but %s shares none: here it acts as equal weighting.",
+                type(weighting).__name__,
+                type(model.backbone).__name__,
             )
         self.conflict_config = ConflictConfig.from_mapping(conflict)
         self.conflict_tracker = self._conflict_tracker()

@@ -121,3 +121,19 @@ def test_a_binary_head_predicting_one_class_for_every_test_row_is_warned(make_cf
     assert len(messages) == 2
     assert f"Task 'y2' predicts 1 for all {rows} test rows (p >= 0.5)" in messages[1]
     assert f"Task 'y1' predicts 0 for all {rows} test rows (p < 0.5)" in messages[0]
+
+
+def test_the_no_shared_parameters_notice_is_logged_not_a_warning_pointing_into_hydra(make_cfg, caplog):
+    """A gradient method on single_task: the notice used warnings.warn(stacklevel=2), which Hydra's instantiate made
+    a UserWarning attributed to hydra/_internal/target_policy.py."""
+    from mtl_experiments.pipeline import build, build_model, build_module
+
+    cfg = make_cfg("backbone=single_task", "loss=pcgrad")
+    datamodule = build(cfg, "data")
+    datamodule.setup()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, "mtl_experiments.module"):
+        warnings.simplefilter("always")
+        build_module(cfg, datamodule, build_model(cfg, datamodule))
+    assert not [w for w in caught if "hydra" in w.filename]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.endswith("but SingleTask shares none: here it acts as equal weighting.")
