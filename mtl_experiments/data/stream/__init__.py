@@ -28,7 +28,7 @@ from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.data.spec import FeatureSpec, ItemInfo, LabelType
 from mtl_experiments.data.stream.loader import StreamLoader
 from mtl_experiments.data.stream.shards import RowSplit, list_shards, open_shards, time_range
-from mtl_experiments.data.stream.stats import Columns, Encoder, cache_key, load_or_build, run_pass
+from mtl_experiments.data.stream.stats import Columns, Encoder, as_arrow, cache_key, load_or_build, run_pass
 from mtl_experiments.errors import ConfigError
 
 SPLITS = ("random", "temporal", "cold_user", "cold_item", "shards")
@@ -47,7 +47,7 @@ class StreamSource:
         self.seen: dict[str, Tensor] = {}
         for role, column in columns.id_columns.items():
             mask = torch.zeros(encoder.cardinality(column), dtype=torch.bool)
-            mask[torch.from_numpy(encoder.ids(pa.chunked_array([pa.array(stats["seen"][role])]), column))] = True
+            mask[torch.from_numpy(encoder.ids(pa.chunked_array([as_arrow(stats["seen"][role])]), column))] = True
             mask[0] = False
             self.seen[role] = mask
 

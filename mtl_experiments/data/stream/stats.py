@@ -122,12 +122,20 @@ class Pass:
         return {"vocab": vocab, "numeric": numeric, "counts": self.counts, "skipped": self.skipped, "seen": seen}
 
 
-def sorted_values(found: list[pa.Array]) -> list:
-    """The distinct non-missing values of ``found``, sorted, as plain Python values."""
+def sorted_values(found: list[pa.Array]) -> list | torch.Tensor:
+    """The distinct non-missing values of ``found``, sorted: an int64 tensor for integers (quick to cache), else a
+    list of plain Python values."""
     if not found:
         return []
     values = pc.unique(pa.concat_arrays(found)).drop_null()
-    return values.take(pc.sort_indices(values)).to_pylist()
+    values = values.take(pc.sort_indices(values))
+    return (
+        torch.from_numpy(values.to_numpy().astype(np.int64)) if pa.types.is_integer(values.type) else values.to_pylist()
+    )
+
+
+def as_arrow(values: list | torch.Tensor) -> pa.Array:
+    return pa.array(values.numpy() if isinstance(values, torch.Tensor) else values)
 
 
 def check_labels(shard: Shard, table: pa.Table, first_row: int, columns: Columns, tasks: Mapping) -> None:
@@ -183,7 +191,7 @@ class Encoder:
 
     def __init__(self, columns: Columns, stats: dict, tasks: Mapping):
         self.columns, self.tasks = columns, tasks
-        self.vocab = {c: pa.array(v) for c, v in stats["vocab"].items()}
+        self.vocab = {c: as_arrow(v) for c, v in stats["vocab"].items()}
         self.numeric = stats["numeric"]
 
     def cardinality(self, column: str) -> int:
