@@ -68,6 +68,7 @@ def test_a_run_prints_validation_lines_early_stopping_the_tested_epoch_and_its_l
     # min_delta=1: AUROC can never improve by 1, so early stopping fires after epoch 1 (patience 1)
     cfg = make_cfg(
         "data.num_samples=600", "data.input_dim=4", "data.batch_size=100", "trainer.max_epochs=4",
+        "trainer.log_every_n_steps=2",
         "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=1.0",
         "callbacks.progress_bar.ui_url=http://ui.example:5000", tiny=False,
     )  # fmt: skip
@@ -84,7 +85,9 @@ def test_a_run_prints_validation_lines_early_stopping_the_tested_epoch_and_its_l
     )
     validations = [ln for ln in lines if ln.startswith("epoch ")]
     assert [ln.split(" · ")[0] for ln in validations] == ["epoch 0", "epoch 1"]
+    assert " · train/loss " in validations[0] and " · val/loss " in validations[0]
     assert "val/mean_auroc" in validations[0] and "(new best)" in validations[0]
+    assert "train/loss:" in out and "val/mean_auroc:" in out  # the bar's items
     assert "Early stopping after epoch 1: val/mean_auroc did not improve by more than 1.0 for 1 validations." in out
     tested = next(ln for ln in lines if ln.startswith("Testing the best checkpoint: epoch "))
     best = float(run.data.metrics["best/val/mean_auroc"])
