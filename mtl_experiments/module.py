@@ -104,6 +104,7 @@ class MTLModule(pl.LightningModule):
         )
         self.run_config: str | None = None  # the run's resolved config (YAML), saved in checkpoints by the pipeline
         self.checkpoint_meta: dict[str, Any] = {}  # merged into checkpoint["mtl"] (the run's identity)
+        self.task_gate = None  # set by selection.TaskEarlyStopping (its TaskGate): stopped tasks leave the weighting
         self.nonfinite_skipped, self._nonfinite_streak = 0, 0
         self.automatic_optimization = False
         self.model, self.tasks, self.weighting = model, dict(tasks), weighting
@@ -156,6 +157,11 @@ class MTLModule(pl.LightningModule):
         return ConflictTracker(list(self.tasks), cfg, layers)
 
     # -- optimisation ---------------------------------------------------------------------------
+    @property
+    def step_weighting(self):
+        """What the training step calls the Weighting methods of: the weighting, or ``task_gate`` in front of it."""
+        return self.weighting if self.task_gate is None else self.task_gate
+
     def configure_optimizers(self):
         groups = [{"params": list(self.model.parameters())}]
         weighting_params = [p for p in self.weighting.parameters() if p.requires_grad]
@@ -272,7 +278,7 @@ class MTLModule(pl.LightningModule):
         # before opt.step(): the lookahead affinity starts from this step's parameters
         measured = self._measure(opt, plan, weights, step, gates, batch)
         opt.step()
-        self.weighting.after_optimizer_step(losses.detach())
+        self.step_weighting.after_optimizer_step(losses.detach())
         self._step_scheduler("step")
         if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)
             kept = {"labels": batch["labels"], **{k: batch[k] for k in ("user_id", "item_id") if k in batch}}
@@ -301,7 +307,9 @@ class MTLModule(pl.LightningModule):
         """The weighting's one real backward (weights ``[T]`` returned), then gradient clipping."""
         opt.zero_grad()
         with self._full_precision():
-            weights = self.weighting.backward(losses, task_grads, self.model.shared_parameters(), self.manual_backward)
+            weights = self.step_weighting.backward(
+                losses, task_grads, self.model.shared_parameters(), self.manual_backward
+            )
         if self.divergence is not None:
             self._check_norms()
         if self.gradient_clip_val > 0:
@@ -370,7 +378,7 @@ class MTLModule(pl.LightningModule):
                 logs[f"train/weight/{name}"] = weights[i]
                 if norms is not None:
                     logs[f"train/grad_norm/{name}"] = norms[i]
-            logs.update({f"train/{k}": v.detach() for k, v in self.weighting.log_values().items()})
+            logs.update({f"train/{k}": v.detach() for k, v in self.step_weighting.log_values().items()})
             logs.update(merged)
             direct = {k: v for k, v in direct.items() if k not in logs}  # e.g. grad norms Lightning writes anyway
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(labels[name]))
@@ -542,7 +550,7 @@ class MTLModule(pl.LightningModule):
             self._update_metrics(self.task_metrics["on_train"], *self._epoch_train_outputs())
             self._train_outputs = []
             self._log_epoch_metrics("train")
-        self.weighting.on_train_epoch_end(self.current_epoch)
+        self.step_weighting.on_train_epoch_end(self.current_epoch)
         self._step_scheduler("epoch")
         if self.divergence is not None:
             self.divergence.end_epoch()

@@ -9,7 +9,6 @@ killed run from its last checkpoint into the same MLflow run (mtl_experiments/ch
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments import checkpoints, outputs, plots, safe_config, tracking
+from mtl_experiments import checkpoints, outputs, plots, safe_config, selection, tracking
 from mtl_experiments import resume as resume_lib
 from mtl_experiments.console import config_line, print_line, print_run_end, quiet_libraries
 from mtl_experiments.errors import ConfigError, MTLError
@@ -34,8 +33,6 @@ from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import metric_directions
 from mtl_experiments.scrub import scrub, scrub_yaml
 from mtl_experiments.tasks import Task
-
-log = logging.getLogger(__name__)
 
 
 def hydra_context(cfg: DictConfig) -> tuple[dict[str, str], list[str]]:
@@ -91,13 +88,17 @@ def resolve_optimized_metric(cfg: DictConfig, tasks: Mapping[str, Task]) -> str:
 
 
 def print_results(
-    results: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test", segments: tuple[str, ...] = ()
+    results: Mapping[str, float],
+    tasks: Mapping[str, Task],
+    stage: str = "test",
+    segments: tuple[str, ...] = (),
+    title: str = "best checkpoint by validation",
 ) -> None:
     """A task x metric table of the final metrics; a row per task and evaluation segment (warm, cold_user, ...)."""
     columns: list[str] = []
     for task in tasks.values():
         columns += [m for m in task.metrics() if m not in columns]
-    table = Table(title=f"{stage} metrics (best checkpoint by validation)")
+    table = Table(title=f"{stage} metrics ({title})")
     table.add_column("task")
     for col in columns:
         table.add_column(col, justify="right")
@@ -160,16 +161,18 @@ def train(cfg: DictConfig) -> float | None:
     changed = resume.check(params) if resume is not None else {}
     module = build_module(cfg, datamodule, build_model(cfg, datamodule))
     describe_checkpoints(module, run_cfg, params, choices, overrides)
-    callbacks = build_callbacks(cfg, resume)
+    callbacks = build_callbacks(cfg, resume, datamodule.tasks)
     last = next((c for c in callbacks if isinstance(c, checkpoints.LastCheckpoint)), None)
     checkpoint_dir = last.dirpath if last is not None else None
     with tracking.run(run_cfg, choices, overrides, resume, checkpoint_dir, output_dir / "mlflow_fallback") as run:
         trainer = build_trainer(cfg, callbacks, run.loggers, module)
         run.start(params, run_cfg, overrides, changed)
-        best, results = fit_and_test(trainer, module, datamodule, resume)
+        per_task = next((c for c in callbacks if isinstance(c, selection.PerTaskSelection) and c.per_task), None)
+        best, results = fit_and_test(trainer, module, datamodule, resume, per_task)
         run.log_summary(run_summary(cfg, best, module), trainer.global_step)
         if trainer.is_global_zero:
-            print_results(results, datamodule.tasks, segments=datamodule.segments)
+            title = "each task's own best checkpoint by validation" if per_task else "best checkpoint by validation"
+            print_results(results, datamodule.tasks, segments=datamodule.segments, title=title)
             if run.describe():  # what mtl-recommend --run-id and resume= take
                 Console().print(run.describe())
             print_run_end(trainer, run.mlflow)  # the link to the run in the UI comes last
@@ -223,8 +226,11 @@ def describe_checkpoints(module, run_cfg: DictConfig, params: Mapping[str, Any],
     }
 
 
-def build_callbacks(cfg: DictConfig, resume: resume_lib.Resume | None) -> list:
+def build_callbacks(cfg: DictConfig, resume: resume_lib.Resume | None, tasks: Mapping[str, Task]) -> list:
+    """The configured callbacks, plus what they add for the tasks (a checkpoint per task for per-task selection)."""
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
+    for cb in [c for c in callbacks if isinstance(c, selection.TaskCallback)]:
+        callbacks += cb.prepare(tasks)
     if resume is not None:
         resume.apply(callbacks)  # checkpoints continue in the resumed run's folder
         # continuing in the run's own checkpoint folder is the point
@@ -237,12 +243,18 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, module) -> pl
     fail stop the run (checkpoints.VerifiedCheckpointIO)."""
     trainer: pl.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     module.check_trainer(trainer)  # precision / strategy the training step cannot honour
+    for cb in callbacks:
+        if isinstance(cb, selection.TaskEarlyStopping):
+            cb.check_trainer(trainer)  # before the run exists: task-wise early stopping needs one process
     trainer.strategy.checkpoint_io = checkpoints.VerifiedCheckpointIO()
     return trainer
 
 
-def fit_and_test(trainer: pl.Trainer, module, datamodule, resume) -> tuple[float | None, dict[str, float]]:
-    """Fit (from the resumed checkpoint, if any), then test the best checkpoint by validation; (best, results)."""
+def fit_and_test(
+    trainer: pl.Trainer, module, datamodule, resume, per_task: selection.PerTaskSelection | None = None
+) -> tuple[float | None, dict[str, float]]:
+    """Fit (from the resumed checkpoint, if any), then test the best checkpoint by validation, or with ``per_task``
+    each task's own best checkpoint (``selection.PerTaskSelection.test``); (best, results)."""
     ckpt_path = str(resume.checkpoint) if resume is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **checkpoints.safe_loading(trainer.fit))
     for logger in trainer.loggers:
@@ -250,17 +262,10 @@ def fit_and_test(trainer: pl.Trainer, module, datamodule, resume) -> tuple[float
             plots.log_run_artifacts(logger, module)
     ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
     best_path = ckpt.best_model_path if ckpt is not None else ""
-    if not best_path:
-        log.warning("No best checkpoint was saved; testing the final weights.")
-    results = trainer.test(
-        module,
-        datamodule=datamodule,
-        ckpt_path=best_path or None,
-        verbose=False,
-        **checkpoints.safe_loading(trainer.test),
-    )[0]
     best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
-    return best, results
+    if per_task is not None:
+        return best, per_task.test(trainer, module, datamodule, best_path)
+    return best, selection.run_test(trainer, module, datamodule, best_path)
 
 
 def run_summary(cfg: DictConfig, best: float | None, module) -> dict[str, float]:
