@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint_dir = last.dirpath if last is not None else None
     with tracking.run(run_cfg, choices, overrides, resume, checkpoint_dir, output_dir / "mlflow_fallback") as run:
         trainer = build_trainer(cfg, callbacks, run.loggers, module)
-        run.start(params, run_cfg, overrides, changed)
+        run.start(params, run_cfg, overrides, changed, datamodule)  # the dataset becomes the run's MLflow input
         per_task = next((c for c in callbacks if isinstance(c, selection.PerTaskSelection) and c.per_task), None)
         best, results = fit_and_test(trainer, module, datamodule, resume, per_task)
         run.log_summary(run_summary(cfg, best, module), trainer.global_step)

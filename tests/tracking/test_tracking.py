@@ -93,6 +93,7 @@ def test_run_against_a_real_tracking_server(mlflow_server, make_cfg, monkeypatch
     assert not [k for k in params if tracking.is_run_path(k)]
     assert tags["paths.output_dir"] == str(tmp_path / "out")
     assert tags["callbacks.model_checkpoint.dirpath"] == str(tmp_path / "out" / "checkpoints")
+    check_dataset_input(run)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "logs")] == ["logs/train.log"]
     logged = Path(client.download_artifacts(run.info.run_id, "logs/train.log", str(tmp_path / "dl"))).read_text()
     assert "Loaded model weights from the checkpoint" in logged  # the test of the best checkpoint, near the end
