@@ -57,7 +57,7 @@ def quiet_libraries() -> None:
 
 
 def config_line(output_dir: Path, choices: Mapping[str, Any], overrides: list[str], metric: str, mode: str) -> str:
-    """``output <dir> · data=... backbone=... loss=... · <overrides> · selects on <metric> (<mode>)``."""
+    """``output <dir> · data=... loss=... · <overrides> · selects on <metric> (<mode>)``, secrets masked."""
     # the groups that define the experiment, then any other group not left at its default (paths, hydra, ...)
     shown = [k for k in SUMMARY_GROUPS if choices.get(k) is not None]
     others = [k for k in choices if k not in SUMMARY_GROUPS and "/" not in str(k)]
@@ -65,7 +65,7 @@ def config_line(output_dir: Path, choices: Mapping[str, Any], overrides: list[st
     picked = " ".join(f"{k}={choices[k]}" for k in shown)
     told = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in choices]
     parts = [f"output {Path(output_dir).resolve()}", picked, " ".join(told), f"selects on {metric} ({mode})"]
-    return " · ".join(p for p in parts if p)
+    return redact(" · ".join(p for p in parts if p))  # credentials in a URI, secret-named keys: never printed
 
 
 def run_link(ui: str, experiment_id: str, run_id: str) -> str:

@@ -43,6 +43,9 @@ def test_config_line_names_output_choices_overrides_and_selection(tmp_path):
     expected = f"output {tmp_path.resolve()} · data=synthetic loss=pcgrad · optimizer.lr=0.01 · selects on "
     assert line == expected + "val/mean_auroc (max)"
     assert "\n" not in line
+    secret = ["logger.mlflow.tracking_uri=http://ann:s3cret@host:5000", "+data.db_password=hunter2"]
+    line = console.config_line(tmp_path, choices, secret, "val/mean_auroc", "max")
+    assert "s3cret" not in line and "hunter2" not in line and "http://***@host:5000" in line
 
 
 def test_known_noise_is_filtered_by_its_message_only():
