@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments import checkpoints, outputs, plots, safe_config, selection, tracking
+from mtl_experiments import checkpoints, outputs, plots, safe_config, schema, selection, tracking
 from mtl_experiments import resume as resume_lib
 from mtl_experiments.console import config_line, print_line, print_run_end, quiet_libraries
 from mtl_experiments.errors import ConfigError, MTLError
@@ -180,8 +180,10 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def check_startup(cfg: DictConfig, output_dir: Path) -> None:
-    """What can be refused before anything is loaded or recorded: a strategy the training step cannot honour, and
-    folders the run could not write (its outputs, every callback's checkpoint folder)."""
+    """What can be refused before anything is loaded or recorded: every config value (``schema.validate``; the CLI
+    ran it already, callers of ``train(cfg)`` get it here), a strategy the training step cannot honour, and folders
+    the run could not write (its outputs, every callback's checkpoint folder)."""
+    schema.validate(cfg)
     check_strategy(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     outputs.check_writable(output_dir, "paths.output_dir")
     for name, node in (cfg.get("callbacks") or {}).items():

@@ -204,3 +204,22 @@ def test_help_imports_neither_lightning_nor_mlflow_nor_torch():
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")
     }
     assert "hydra" in imported and not imported & {"lightning", "mlflow", "torch"}
+
+
+# the bad values issue 16 found leaving a FAILED run in the store although nothing trained
+LEFT_FAILED_RUNS = [
+    "trainer.accelerator=tpu",
+    "trainer.max_epochs=two",
+    "optimizer.lr=fast",
+    "optimizer.weight_decay=-1",
+]
+
+
+def test_train_refuses_before_any_run_is_recorded(make_cfg, mlflow_runs):
+    """``train(cfg)`` (not only the CLI) checks the schema first: pipeline.check_startup."""
+    from mtl_experiments.pipeline import train
+
+    for override in LEFT_FAILED_RUNS:
+        with pytest.raises(ConfigError, match=f"^{override.split('=')[0]} must be"):
+            train(make_cfg(override))
+    assert mlflow_runs() == []
