@@ -3,14 +3,14 @@
 Reads the finished runs of the study's experiments (conf/experiment/mmoe_synthetic/, docs/results.md) and prints
 Markdown tables: per task correlation and backbone, the test metric of the checkpoint chosen on validation as
 mean ± sample std over seeds, the paired difference to Shared-Bottom on the same data (runs with the same seed
-share the data, data.seed = seed) and the last epoch's training MSE; with ``--ablation`` the experiment's runs
-grouped by task kind and backbone sizes. ``--out PREFIX`` also draws ``PREFIX_test.png`` (test metric against
-correlation) and ``PREFIX_train_loss.png`` (training loss against step, mean over seeds, one panel per
-correlation, as the paper's Figure 4).
+share the data, data.seed = seed) and the last epoch's training MSE; with ``--ablation`` the runs grouped by
+task kind and backbone sizes (the paper's or the backbone's defaults). ``--out PREFIX`` also draws
+``PREFIX_test.png`` (test metric against correlation) and ``PREFIX_train_loss.png`` (training loss against step,
+mean over seeds, one panel per correlation, as the paper's Figure 4).
 
     python scripts/study_mmoe.py --tracking-uri sqlite:///mmoe_synthetic.db --out docs/mmoe_synthetic
-    python scripts/study_mmoe.py --tracking-uri sqlite:///mmoe_synthetic.db --experiment mmoe-synthetic-ablation \
-        --ablation
+    python scripts/study_mmoe.py --tracking-uri sqlite:///mmoe_synthetic.db --ablation --correlation 0.5 \
+        --experiment mmoe-synthetic --experiment mmoe-synthetic-ablation
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
                 "kind": p.get("data.tasks.y1.kind"),
                 "sizes": f"{sizes} / towers {p.get('backbone.tower_dims')}",
                 "seed": int(p["seed"]),
+                "experiment": run.data.tags.get("experiment"),
                 "metrics": m,
             }
         )
@@ -58,14 +59,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
 
 
-def paired(rows: list[dict], metric: str, reference: str = "shared_bottom") -> dict[tuple, list[float]]:
-    """``{(correlation, backbone): [metric(backbone, seed) - metric(reference, seed)]}`` over seeds run by both."""
-    by_key = {(r["correlation"], r["backbone"], r["seed"]): r["metrics"].get(metric) for r in rows}
+def paired(rows: list[dict], metric: str, group=lambda r: r["correlation"], reference="shared_bottom") -> dict:
+    """``{(group, backbone): [metric(backbone, seed) - metric(reference, seed)]}`` over the seeds run by both in
+    the same group (by default the correlation; the same seed means the same data)."""
+    by_key = {(group(r), r["backbone"], r["seed"]): r["metrics"].get(metric) for r in rows}
     out = defaultdict(list)
-    for (c, b, s), v in sorted(by_key.items()):
-        ref = by_key.get((c, reference, s))
+    for (g, b, s), v in sorted(by_key.items()):
+        ref = by_key.get((g, reference, s))
         if b != reference and v is not None and ref is not None:
-            out[(c, b)].append(v - ref)
+            out[(g, b)].append(v - ref)
     return out
 
 
@@ -95,16 +97,26 @@ def main_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def family(r: dict) -> str:
+    return "backbone defaults" if r["experiment"] == "mmoe_synthetic/setting" else "paper (§5)"
+
+
 def ablation_table(rows: list[dict]) -> str:
-    """Markdown: task kind × backbone sizes × backbone, the test metric of that kind (MSE or AUROC)."""
+    """Markdown: task kind × sizes (the paper's or the backbone's defaults) × backbone, the test metric of that
+    kind (MSE or AUROC) and its paired difference to Shared-Bottom of the same kind and sizes."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["kind"], r["sizes"], r["backbone"])].append(r)
-    lines = ["| tasks | sizes | backbone | seeds | test metric |", "|---|---|---|---|---|"]
-    for (kind, sizes, b), runs in sorted(groups.items()):
+        groups[(r["kind"], family(r), r["backbone"])].append(r)
+    lines = [
+        "| tasks | sizes | backbone | seeds | test metric | Δ vs shared_bottom (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (kind, fam, b), runs in sorted(groups.items()):
         metric = "test/mean_mse" if kind == "regression" else "test/mean_auroc"
         values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
-        lines.append(f"| {kind} | {sizes} | {b} | {len(runs)} | {metric.split('/')[-1]} {mean_std(values)} |")
+        d = paired(rows, metric, group=lambda r: (r["kind"], family(r))).get(((kind, fam), b), [])
+        sizes = runs[0]["sizes"]
+        lines.append(f"| {kind} | {fam}: {sizes} | {b} | {len(runs)} | {metric} {mean_std(values)} | {mean_std(d)} |")
     return "\n".join(lines)
 
 
@@ -158,13 +170,15 @@ def plot_train_loss(client: MlflowClient, rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", required=True, help="the study's store, e.g. sqlite:///mmoe_synthetic.db")
-    ap.add_argument("--experiment", default="mmoe-synthetic", help="MLflow experiment of the study's runs")
+    ap.add_argument("--experiment", action="append", help="MLflow experiment(s) of the runs (default mmoe-synthetic)")
+    ap.add_argument("--correlation", type=float, help="only the runs of this task correlation")
     ap.add_argument("--metric", default="test/mean_mse", help="the reported test metric")
     ap.add_argument("--ablation", action="store_true", help="group by task kind and backbone sizes instead")
     ap.add_argument("--out", type=Path, help="file prefix of the plots, e.g. docs/mmoe_synthetic")
     args = ap.parse_args(argv)
     client = MlflowClient(args.tracking_uri)
-    rows = collect(client, args.experiment)
+    rows = [r for e in args.experiment or ["mmoe-synthetic"] for r in collect(client, e)]
+    rows = [r for r in rows if args.correlation is None or r["correlation"] == args.correlation]
     print(ablation_table(rows) if args.ablation else main_table(rows, args.metric))
     if args.out and not args.ablation:
         plot_test(rows, args.metric, Path(f"{args.out}_test.png"))

@@ -71,3 +71,33 @@ def test_paired_difference_is_per_seed():
         for b, s, v in [("shared_bottom", 0, 1.0), ("shared_bottom", 1, 3.0), ("mmoe", 0, 0.5), ("mmoe", 1, 3.5)]
     ] + [{"correlation": 0.5, "backbone": "mmoe", "seed": 2, "metrics": {"m": 9.0}}]  # no partner: left out
     assert dict(study.paired(rows, "m")) == {(0.5, "mmoe"): [-0.5, 0.5]}
+
+
+def test_ablation_pairs_within_task_kind_and_sizes():
+    """Binary runs pair with binary Shared-Bottom, paper sizes with paper sizes; AUROC for binary, MSE else."""
+    study = study_script()
+
+    def row(kind, experiment, backbone, seed, value):
+        metric = "test/mean_mse" if kind == "regression" else "test/mean_auroc"
+        return {
+            "kind": kind,
+            "experiment": experiment,
+            "backbone": backbone,
+            "seed": seed,
+            "correlation": 0.5,
+            "sizes": "s",
+            "metrics": {metric: value},
+        }
+
+    rows = [
+        row("binary", "mmoe_synthetic/mmoe", "mmoe", 0, 0.90),
+        row("binary", "mmoe_synthetic/shared_bottom", "shared_bottom", 0, 0.95),
+        row("regression", "mmoe_synthetic/setting", "mmoe", 0, 0.2),
+        row("regression", "mmoe_synthetic/setting", "shared_bottom", 0, 0.5),
+        row("regression", "mmoe_synthetic/mmoe", "mmoe", 0, 7.0),  # paper sizes: no Shared-Bottom partner
+    ]
+    table = study.ablation_table(rows).splitlines()[2:]
+    cells = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[5:7] for line in table}
+    assert cells[("binary", "paper (§5): s", "mmoe")] == [" test/mean_auroc 0.9000 ± nan ", " -0.0500 ± nan "]
+    assert cells[("regression", "backbone defaults: s", "mmoe")][1].strip() == "-0.3000 ± nan"
+    assert cells[("regression", "paper (§5): s", "mmoe")][1].strip() == "—"
