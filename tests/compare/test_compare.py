@@ -19,9 +19,9 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Shared by the tests that only read it (creating a SQLite store costs about a second)."""
-    return make_store(tmp_path_factory.mktemp("store"))
+def store(compare_store):
+    """Shared by the tests that only read it (tests/compare/conftest.py makes it once)."""
+    return compare_store
 
 
 def row_of(c: compare.Comparison, run_id: str) -> pd.Series:

@@ -11,16 +11,17 @@ from matplotlib.text import Text
 from mlflow.entities import Param
 
 from mtl_experiments import compare
-from tests.compare.compare_store import EXPERIMENT, log_run, make_store
+from tests.compare.compare_store import EXPERIMENT, log_run
+from tests.compare.conftest import copy_store
 
 CROWD = ("pcgrad", "cagrad", "mgda", "nash_mtl", "famo")
 
 
 @pytest.fixture(scope="module")
-def crowded(tmp_path_factory):
+def crowded(compare_store, tmp_path_factory):
     """make_store's sweep plus five methods within 0.001 of each other (two backbones), a repeat of the
     shared_bottom/equal seed-0 run (another sweep of the same config), and a run on a tabular file."""
-    s = make_store(tmp_path_factory.mktemp("crowded"))
+    s = copy_store(compare_store, tmp_path_factory.mktemp("crowded"))
     client = s["client"]
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     for i, loss in enumerate(CROWD):
