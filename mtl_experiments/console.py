@@ -226,7 +226,7 @@ class ModelSummary(RichModelSummary):
     applies to its own default summary only."""
 
     def __init__(self, enabled: bool = True, max_depth: int = 1, **kwargs: Any) -> None:
-        super().__init__(max_depth=max_depth if enabled else 0, **kwargs)
+        super().__init__(max_depth=max_depth if enabled is not False else 0, **kwargs)  # None: on, as in Lightning
 
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, *a, **kw):
