@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,7 +156,7 @@ def run(rows: str, steps: int, workers: int, repeats: int, log_dir: Path, overri
     }
     measured = interleaved(runs, repeats)
     med = {
-        k: {m: sorted(r[m] for r in rs)[len(rs) // 2] if rs[0][m] is not None else None for m in rs[0]}
+        k: {m: statistics.median(r[m] for r in rs) if rs[0][m] is not None else None for m in rs[0]}
         for k, rs in measured.items()
     }
     small, large = min(sizes), max(sizes)
