@@ -22,11 +22,11 @@ from rich.table import Table
 from mtl_experiments import checks
 from mtl_experiments.scrub import redact
 from mtl_experiments.tasks.base import LabelType
+from mtl_experiments.tracking import ui
 
 log = logging.getLogger(__name__)
 
 SUMMARY_GROUPS = ("experiment", "data", "backbone", "loss", "optimizer", "scheduler", "trainer", "debug")
-DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Lightning's info lines that say nothing about this run: device availability (the trainer's own choice is in
 # the config summary), an advertisement, and the notice that our summary replaces Lightning's default one
 LIBRARY_LINES = re.compile(
@@ -68,19 +68,6 @@ def config_line(output_dir: Path, choices: Mapping[str, Any], overrides: list[st
     return redact(" · ".join(p for p in parts if p))  # credentials in a URI, secret-named keys: never printed
 
 
-def run_link(ui: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def ui_address(tracking_uri: str | None, configured: str | None = None) -> str:
-    """The UI that shows the store: a tracking server is its own UI; a file or SQLite store is shown by `mlflow ui`
-    at ``configured`` (default http://127.0.0.1:5000)."""
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri
-    return configured or DEFAULT_UI
-
-
 def link_line(logger, ui_url: str | None = None) -> str | None:
     """``Run in the MLflow UI: <link>`` for an MLflow logger's run (None without one); for a file or SQLite store,
     also the command that serves that UI."""
@@ -88,16 +75,15 @@ def link_line(logger, ui_url: str | None = None) -> str | None:
     if not run_id or not experiment_id:
         return None
     uri = getattr(logger, "tracking_uri", None)
-    link = redact(run_link(ui_address(uri, ui_url), experiment_id, run_id))
+    link = ui.run_url(ui.ui_base(uri, ui_url), experiment_id, run_id)
     line = f"Run in the MLflow UI: [link={link}]{link}[/link]"
-    if uri and not uri.startswith(("http://", "https://")):
-        line += f" (serve it with: mlflow ui --backend-store-uri {redact(uri)})"
-    return line
+    serve = ui.open_command(uri) if uri else None
+    return line + (f" (serve it with: {serve})" if serve else "")
 
 
 def sweep_end_lines(tracking_uri: str, experiment_id: str, parent_id: str, ui_url: str | None = None) -> list[str]:
     """What a sweep's end says: its parent run's link and the ``mtl-compare`` command for its runs."""
-    link = redact(run_link(ui_address(tracking_uri, ui_url), experiment_id, parent_id))
+    link = ui.run_url(ui.ui_base(tracking_uri, ui_url), experiment_id, parent_id)
     store = f" --tracking-uri {redact(tracking_uri)}"
     return [f"Sweep in the MLflow UI: {link}", f"Compare its runs: mtl-compare{store} --parent {parent_id[:8]}"]
 
@@ -124,7 +110,7 @@ class ConsoleProgressBar(RichProgressBar):
     validation with the best so far; at the end of fit, whether early stopping fired and which epoch is tested.
     ``ui_url``: where ``mlflow ui`` shows a file or SQLite store (the run's link at the end)."""
 
-    def __init__(self, ui_url: str = DEFAULT_UI, **kwargs: Any) -> None:
+    def __init__(self, ui_url: str = ui.DEFAULT_UI, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         hint = "the address `mlflow ui` serves, e.g. http://127.0.0.1:5000"
         if not checks.text("callbacks.progress_bar.ui_url", ui_url, hint).startswith(("http://", "https://")):

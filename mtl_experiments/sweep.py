@@ -35,8 +35,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_experiments import tracking
 from mtl_experiments.errors import ConfigError, MTLError, TrackingError
+from mtl_experiments.scrub import redact
+from mtl_experiments.sweep_env import PARENT_RUN_ENV, SWEPT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class MLflowSweepCallback(Callback):
     callbacks, so ``sys.exit`` is the way to stop it).
     """
 
-    def __init__(self, env_var: str = tracking.PARENT_RUN_ENV) -> None:
+    def __init__(self, env_var: str = PARENT_RUN_ENV) -> None:
         self.env_var = env_var
         self._uri: str | None = None
         self._client = None
@@ -128,6 +129,8 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0:
             return  # a DDP worker: Lightning relaunches the whole command (-m included); rank 0 owns the parent run
+        from mtl_experiments import tracking  # MLflow, Lightning: when the sweep starts, not when Hydra builds us
+
         node = tracking.mlflow_logger_node(config)
         if node is None:  # logger=csv (or none): nothing to group
             return
@@ -140,7 +143,7 @@ class MLflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent_id is not None:  # a worker whose environment did not carry it (Ray, sbatch --export)
             os.environ[self.env_var] = self._parent_id
-            os.environ[tracking.SWEPT_ENV] = ",".join(self._swept)  # job run names lead with these values
+            os.environ[SWEPT_ENV] = ",".join(self._swept)  # job run names lead with these values
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:
@@ -152,10 +155,10 @@ class MLflowSweepCallback(Callback):
         overrides = [str(o) for o in job_return.overrides or []]
         record = {
             "job": num,
-            "overrides": tracking.redact(" ".join(overrides))[:3000],  # as the child run's ``overrides`` tag
-            "swept": {_key(o): tracking.redact(o.split("=", 1)[-1]) for o in overrides if _key(o) in self._swept},
+            "overrides": redact(" ".join(overrides))[:3000],  # as the child run's ``overrides`` tag
+            "swept": {_key(o): redact(o.split("=", 1)[-1]) for o in overrides if _key(o) in self._swept},
             # the exception itself (``return_value`` would print and re-raise it)
-            "error": tracking.redact(_error_line(job_return._return_value)),
+            "error": redact(_error_line(job_return._return_value)),
         }
         try:
             self._store().set_tag(self._parent_id, f"{FAILED_JOB_TAG}{num}", json.dumps(record)[:5000])
@@ -165,11 +168,24 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent_id is None:
             return
+        parent = self._parent_id
         self._end_parent(None)
+        self._print_end(config, parent)
+
+    def _print_end(self, config: DictConfig, parent: str) -> None:
+        """The parent's link in the UI and the ``mtl-compare`` command for the sweep (after its last job)."""
+        from mtl_experiments import console
+
+        experiment_id = self._store().get_run(parent).info.experiment_id
+        ui_url = OmegaConf.select(config, "callbacks.progress_bar.ui_url")
+        for line in console.sweep_end_lines(self._uri, experiment_id, parent, ui_url):
+            print(line)
 
     # -- parent run --------------------------------------------------------------------------------
     def _start_parent(self, config: DictConfig, node: DictConfig) -> None:
         from mlflow.entities import Param
+
+        from mtl_experiments import tracking
 
         launch = Path(str(OmegaConf.select(config, "hydra.runtime.cwd") or Path.cwd()))
         uri = tracking.resolve_tracking_uri(OmegaConf.select(node, "tracking_uri"), launch=launch)
@@ -194,7 +210,7 @@ class MLflowSweepCallback(Callback):
         except Exception as e:  # noqa: BLE001 - any store failure becomes one readable message
             raise TrackingError(f"MLflow store {uri} failed while creating the sweep's parent run: {e}") from e
         self._parent_id = run.info.run_id
-        params = [Param(_PARAM_CHARS.sub("_", k), tracking.redact(v)[:6000]) for k, v in swept.items()]
+        params = [Param(_PARAM_CHARS.sub("_", k), redact(v)[:6000]) for k, v in swept.items()]
         try:
             self._store().log_batch(self._parent_id, params=params)
         except Exception as e:  # noqa: BLE001 - the sweep is still grouped without them
@@ -202,7 +218,7 @@ class MLflowSweepCallback(Callback):
 
         self._previous_env = os.environ.get(self.env_var)
         os.environ[self.env_var] = self._parent_id
-        os.environ[tracking.SWEPT_ENV] = ",".join(self._swept)
+        os.environ[SWEPT_ENV] = ",".join(self._swept)
         self._failed_jobs = 0
         atexit.register(self._end_at_exit)
         log.info(f"MLflow parent run {self._parent_id} ({uri}, experiment {experiment!r})")
@@ -220,7 +236,7 @@ class MLflowSweepCallback(Callback):
             os.environ.pop(self.env_var, None)
         else:
             os.environ[self.env_var] = self._previous_env
-        os.environ.pop(tracking.SWEPT_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         if parent is None:
             return
         client = self._store()

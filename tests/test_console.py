@@ -13,19 +13,20 @@ from mlflow.tracking import MlflowClient
 
 from mtl_experiments import console
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.tracking import ui
 
 
-def test_links_and_ui_address():
-    assert console.run_link("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert console.ui_address("sqlite:////tmp/mlflow.db") == console.DEFAULT_UI
-    assert console.ui_address("sqlite:////tmp/mlflow.db", "http://box:8080") == "http://box:8080"
-    assert console.ui_address("http://tracking:5000", "http://box:8080") == "http://tracking:5000"  # a server is its UI
+def test_ui_address_is_the_server_else_the_configured_ui():
+    assert ui.ui_base("sqlite:////tmp/mlflow.db") == ui.DEFAULT_UI
+    assert ui.ui_base("sqlite:////tmp/mlflow.db", "http://box:8080") == "http://box:8080"
+    assert ui.ui_base("http://tracking:5000", "http://box:8080") == "http://tracking:5000"  # a server is its UI
 
 
 def test_sweep_end_lines_link_the_parent_and_give_the_compare_command():
     lines = console.sweep_end_lines("sqlite:////w/mlflow.db", "2", "0123456789abcdef0123456789abcdef")
     assert lines == [
-        "Sweep in the MLflow UI: http://127.0.0.1:5000/#/experiments/2/runs/0123456789abcdef0123456789abcdef",
+        "Sweep in the MLflow UI: http://127.0.0.1:5000/#/experiments/2/runs/0123456789abcdef0123456789abcdef"
+        "?workflowType=machine_learning",
         "Compare its runs: mtl-compare --tracking-uri sqlite:////w/mlflow.db --parent 01234567",
     ]
     secret = console.sweep_end_lines("http://ann:pw@host:5000", "2", "0123456789abcdef0123456789abcdef")
@@ -95,7 +96,7 @@ def test_a_run_prints_validation_lines_early_stopping_the_tested_epoch_and_its_l
     tested = next(ln for ln in lines if ln.startswith("Testing the best checkpoint: epoch "))
     best = float(run.data.metrics["best/val/mean_auroc"])
     assert f"(val/mean_auroc {best:.4f})" in tested
-    link = f"http://ui.example:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    link = f"http://ui.example:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert lines[-1].startswith(f"Run in the MLflow UI: {link} (serve it with: mlflow ui --backend-store-uri sqlite:")
     assert out.index("test metrics") < out.index(link)
     for noise in ("v_num", "FLOPs", "litlogger", "GPU available", "TPU available"):

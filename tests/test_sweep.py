@@ -60,6 +60,13 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
     assert FAILED_OVERRIDES_TAG not in parent.data.tags
     assert "Sweep synthetic: loss x seed (sweep) FINISHED: 4 job(s), 4 finished, 0 failed" in proc.stdout
     assert "loss=equal,fixed seed=0,1" in parent.data.tags["overrides"]
+    # it ends with the parent's link in the UI and the command that compares its runs
+    pid = parent.info.run_id
+    link = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{pid}?workflowType=machine_learning"
+    assert proc.stdout.rstrip().splitlines()[-2:] == [
+        f"Sweep in the MLflow UI: {link}",
+        f"Compare its runs: mtl-compare --tracking-uri {uri} --parent {pid[:8]}",
+    ]
 
     assert len(children) == 4
     assert {c.info.experiment_id for c in children} == {parent.info.experiment_id}

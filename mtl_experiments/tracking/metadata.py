@@ -17,17 +17,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_experiments.scrub import redact, scrub, scrub_yaml
+from mtl_experiments.sweep_env import PARENT_RUN_ENV, SWEPT_ENV
 from mtl_experiments.tracking.logger import log_artifacts
 
 log = logging.getLogger(__name__)
 
 
-PARENT_RUN_ENV = "MTL_PARENT_RUN_ID"  # the sweep's parent run id, set by sweep.MLflowSweepCallback for its jobs
 ROLE_TAG, SWEEP_PARENT = "mtl.role", "sweep_parent"
 CHECKPOINT_DIR_TAG, HOST_TAG = "mtl.checkpoint_dir", "mtl.host"  # where resume=<run id> finds last.ckpt
 RESUME_COUNT_TAG = "mtl.resume.count"
 CHECKPOINT_ARTIFACTS = "checkpoints"  # checkpoints/{last,best}.ckpt when callbacks.last_checkpoint.log_to_mlflow
-SWEPT_ENV = "MTL_SWEPT_KEYS"  # the sweep's swept keys, comma-separated, set with PARENT_RUN_ENV for its jobs
 # a config key ending so (or under paths.) is where this run writes: different for every run, so a tag, not a param
 RUN_PATH_KEYS = ("dirpath", "output_dir", "default_root_dir", "save_dir", "log_dir")
 NAME_PARTS = ("data", "backbone", "loss")  # what a default run name says, after the swept values

@@ -25,13 +25,13 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (SQLite) store
 
 
-def ui_base(tracking_uri: str) -> str:
+def ui_base(tracking_uri: str | None, configured: str | None = None) -> str:
     """The UI's address for a store: the server itself for http(s) (credentials removed), else where
-    ``mlflow ui --backend-store-uri <store>`` serves it by default."""
-    parts = urlparse(tracking_uri)
+    ``mlflow ui --backend-store-uri <store>`` serves it (``configured``, by default http://127.0.0.1:5000)."""
+    parts = urlparse(tracking_uri or "")
     if parts.scheme in ("http", "https"):
         return redact(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl().rstrip("/"))
-    return DEFAULT_UI
+    return configured or DEFAULT_UI
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
