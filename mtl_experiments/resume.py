@@ -97,8 +97,9 @@ class Resume:
         config = self.meta.get("config")
         if config:
             return fixed_settings(tracking.flatten(yaml.safe_load(config) or {}))
-        if self.run is not None:
-            return fixed_settings(self.run.data.params)
+        if self.run is not None:  # a group's choice is logged as a param mirroring its tag: a name, not a setting
+            tags = self.run.data.tags
+            return fixed_settings({k: v for k, v in self.run.data.params.items() if tags.get(k) != v})
         return None
 
 

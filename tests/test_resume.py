@@ -281,3 +281,19 @@ def test_time_based_last_checkpoint_is_written_inside_an_epoch(minutes, written_
     bare_trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks).fit(module, datamodule=dm)
     assert seen.seen[0] is False and all(s is written_mid_epoch for s in seen.seen[1:])
     assert (tmp_path / "last.ckpt").exists()  # the epoch-end checkpoint either way
+
+
+def test_a_run_logged_without_a_config_compares_its_settings_not_its_group_choices(tracking_uri, tmp_path):
+    """Old checkpoints carry no config: the run's params are the settings, less the group choices that mirror
+    their tags (``loss: equal``), which no flattened config has and which must not read as changed."""
+    from mtl_experiments.resume import Resume
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("old-run"), tags={"loss": "equal"}).info.run_id
+    for key, value in {"loss": "equal", "seed": "0", "loss._target_": "mtl_experiments.loss.equal.Equal"}.items():
+        client.log_param(run_id, key, value)
+    old = Resume(checkpoint=tmp_path / "last.ckpt", run_id=run_id, run=client.get_run(run_id))
+    same = {"seed": 0, "loss._target_": "mtl_experiments.loss.equal.Equal"}
+    old.check(same)  # the choice param is not a difference
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 1"):
+        old.check({**same, "seed": 1})
