@@ -189,3 +189,13 @@ def test_tracking_reuses_one_gradient_call_per_step_and_never_changes_training(c
     assert tracker.averages.ema.shape == (2, sum(p.numel() for p in on.model.shared_parameters()))
     off, dm = make_module(conflict={"every_n_steps": 0})
     assert torch.allclose(after_on, fit(off, dm, steps=6), atol=1e-6, rtol=0)
+
+
+def test_after_the_initial_window_tracking_rides_on_the_measured_steps(count_task_gradients):  # noqa: F811
+    """Tracked every step until initial_cosine has its 2 values (steps 1, 2), then only on the measured steps
+    (3, 6), whose G is computed anyway: 4 gradient calls in 6 steps, 4 tracked steps."""
+    module, dm = make_module(conflict={"every_n_steps": 3, "track_every_n_steps": 1, "initial_steps": 2})
+    fit(module, dm, steps=6)
+    assert len(count_task_gradients) == 4
+    tracker = module.conflict_tracker
+    assert int(tracker.metrics["ema_cosine"].count) == 4 and int(tracker.metrics["initial_cosine"].count) == 2
