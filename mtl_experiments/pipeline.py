@@ -145,9 +145,9 @@ def train(cfg: DictConfig) -> float | None:
     -> model and module -> callbacks -> inside ``tracking.run``: trainer, the MLflow run, fit, test, summary."""
     quiet_libraries()  # known library warnings and info lines, each by its message
     choices, overrides = hydra_context(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(OmegaConf.select(cfg, "paths.output_dir", default=None) or tempfile.mkdtemp(prefix="mtl-"))
-    check_startup(cfg, output_dir)
+    check_startup(cfg, output_dir)  # first: seed=abc is a config error, not Lightning's ValueError
+    pl.seed_everything(cfg.seed, workers=True)
     resume = resolve_resume(cfg, output_dir)
     datamodule = build(cfg, "data")
     # generate / load now: a missing file or a bad label fails here, in seconds; and what the data holds decides
