@@ -77,12 +77,16 @@ def _metric_keys(runs: Sequence[RunData]) -> tuple[list[str], dict[str, bool | N
     return sorted(directions, key=position), directions
 
 
+# the conflict summaries shown per pair: the headline that tracks task relatedness (metrics.conflict.HEADLINE, not
+# imported: it would load torch into mtl-compare; tests/compare pins them equal), the per-step cosine and rate
+CONFLICT_COLUMNS = (("initial_cosine", "cos₀"), ("cosine", "cos"), ("rate", "conflict"))
+
+
 def _conflict_keys(runs: Sequence[RunData]) -> tuple[list[str], list[str]]:
     """(every ``conflict/mean/...`` summary logged, the ``<a>-<b>`` pairs with a cosine or rate)."""
     keys = sorted({k for r in runs for k in r.metrics if k.startswith("conflict/mean/")})
-    pairs = sorted(
-        {k.rsplit("/", 1)[1] for k in keys if k.startswith(("conflict/mean/cosine/", "conflict/mean/rate/"))}
-    )
+    shown = tuple(f"conflict/mean/{kind}/" for kind, _ in CONFLICT_COLUMNS)
+    pairs = sorted({k.rsplit("/", 1)[1] for k in keys if k.startswith(shown)})
     return keys, pairs
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl_experiments.compare.comparison import BASELINE_LOSS, Comparison
+from mtl_experiments.compare.comparison import BASELINE_LOSS, CONFLICT_COLUMNS, Comparison
 from mtl_experiments.compare.groups import STL_BACKBONE, Group, data_key
 from mtl_experiments.compare.runs import Selection
 from mtl_experiments.compare.stats import mean_std, pareto_front
@@ -85,7 +85,9 @@ def _header(c: Comparison) -> list[str]:
     ]
     if c.conflict_pairs:
         lines.append(
-            "cos a-b: mean pairwise gradient cosine over training (`conflict/mean/cosine/<a>-<b>`); "
+            "cos₀ a-b: cosine of the tasks' averaged gradients early in training (`conflict/mean/initial_cosine/"
+            "<a>-<b>`, the summary that tracks task relatedness, docs/results.md); "
+            "cos a-b: mean per-step gradient cosine over training (`conflict/mean/cosine/<a>-<b>`, noisy); "
             "conflict a-b: share of measured steps with cosine < 0 (`conflict/mean/rate/<a>-<b>`)."
         )
     return lines + [f"Note: {n}" for n in c.notes] + [f"Warning: {w}" for w in c.warnings]
@@ -98,7 +100,7 @@ def _table(c: Comparison) -> str:
     header += ["Δm% ↑", "Δm baseline"]
     pair_cols = []
     for pair in c.conflict_pairs:
-        for kind, title in (("cosine", "cos"), ("rate", "conflict")):
+        for kind, title in CONFLICT_COLUMNS:
             if f"conflict/mean/{kind}/{pair}" in c.conflict_keys:
                 pair_cols.append(f"conflict/mean/{kind}/{pair}")
                 header.append(f"{title} {pair}")

@@ -77,6 +77,7 @@ def make_store(tmp_path: Path, with_single_task: bool = True) -> dict:
 
     def conflict(cos, rate):
         return {
+            "conflict/mean/initial_cosine/y1-y2": cos + 0.5,
             "conflict/mean/cosine/y1-y2": cos,
             "conflict/mean/rate/y1-y2": rate,
             "conflict/mean/magnitude/y1-y2": 0.9,

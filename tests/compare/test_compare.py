@@ -60,6 +60,7 @@ def test_groups_mean_std_and_delta_m_against_the_single_task_runs_of_the_same_da
     assert mtl["delta_m_baseline"] == f"vs {stl_label} (n=2)"
     assert mtl["conflict/mean/cosine/y1-y2_mean"] == pytest.approx(0.3)
     assert mtl["conflict/mean/rate/y1-y2_mean"] == pytest.approx(0.2)
+    assert mtl["conflict/mean/initial_cosine/y1-y2_mean"] == pytest.approx(0.8)
 
     rlw = row_of(c, ids["mtl_rlw"][0])
     # (0 + 0 + 10 + 10) / 4 = +5 for both seeds
@@ -102,6 +103,8 @@ def test_cli_writes_markdown_csv_and_pareto_plot(store, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "| synthetic | shared_bottom | equal | 0.5 | 2 | 0,1 |" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| data"))
+    assert header.index("cos₀ y1-y2") < header.index("cos y1-y2") < header.index("conflict y1-y2")
     assert {p.name for p in out.iterdir()} == set(compare.OUTPUT_FILES)
     assert (out / "comparison.md").read_text().strip() == proc.stdout.strip()
     assert len(pd.read_csv(out / "comparison.csv")) == 5
@@ -197,3 +200,11 @@ def test_segment_option_compares_a_segments_test_metrics(tmp_path, capsys):
     assert mtl["delta_m_pct_mean"] == pytest.approx(32.0)
     assert compare.main(["--tracking-uri", uri, "--segment", "cold_user"]) == 0
     assert "`cold_user` segment" in capsys.readouterr().out
+
+
+def test_the_first_conflict_column_is_the_headline_estimator():
+    """mtl-compare names the headline without importing torch; it must stay the one metrics.conflict reports."""
+    from mtl_experiments.compare.comparison import CONFLICT_COLUMNS
+    from mtl_experiments.metrics.conflict import HEADLINE
+
+    assert CONFLICT_COLUMNS[0][0] == HEADLINE
