@@ -404,14 +404,19 @@ class ConflictTracker(nn.Module):
                 continue
             out.update({f"conflict/last_epoch/{k}": float(v) for k, v in self._names(key, last).items()})
         if empty_last_epoch:
-            log.warning(
-                "Some conflict metrics were not measured in the last training epoch (it has fewer steps than "
-                "module.conflict.every_n_steps=%d or affinity_every_n_steps=%d): their conflict/last_epoch/* "
-                "values are not logged; lower those settings to get them.",
-                self.config.every_n_steps,
-                self.config.affinity_every_n_steps,
-            )
+            self.warn_unmeasured_last_epoch()
         return out
+
+    def warn_unmeasured_last_epoch(self) -> None:
+        """Name only the cadences that are on (an ``=0`` setting measures nothing and is not the cause)."""
+        keys = ("every_n_steps", "affinity_every_n_steps", "track_every_n_steps")
+        on = [f"module.conflict.{k}={getattr(self.config, k)}" for k in keys if getattr(self.config, k) > 0]
+        log.warning(
+            "Some conflict metrics were not measured in the last training epoch (it has fewer steps than %s): "
+            "their conflict/last_epoch/* values are not logged; lower %s to get them.",
+            " or ".join(on),
+            "that setting" if len(on) == 1 else "those settings",
+        )
 
     def _epoch_mean(self, key: str, m: _MeanOverSteps) -> Tensor | None:
         """The mean over this epoch's measurements (since ``start_epoch``), None when there were none."""

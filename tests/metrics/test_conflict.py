@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 
 import pytest
@@ -371,3 +372,18 @@ def test_less_correlated_tasks_have_less_aligned_gradients():
     gradient cosine of the shared bottom follows the task correlation (measured: 0.01 vs 0.16)."""
     low, high = mean_gradient_cosine(0.0), mean_gradient_cosine(0.9)
     assert low < high - 0.05, (low, high)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named", "not_named"),
+    [
+        ({"every_n_steps": 50}, "module.conflict.every_n_steps=50", "affinity_every_n_steps"),
+        ({"every_n_steps": 50, "affinity_every_n_steps": 20}, "affinity_every_n_steps=20", "track_every_n_steps"),
+    ],
+)
+def test_the_last_epoch_warning_names_only_the_cadences_that_are_on(settings, named, not_named, caplog):
+    """Issue 16: it named affinity_every_n_steps=0, a setting that measures nothing."""
+    tracker = ConflictTracker(["a", "b"], ConflictConfig(**settings))
+    with caplog.at_level(logging.WARNING):
+        tracker.warn_unmeasured_last_epoch()
+    assert named in caplog.text and not_named not in caplog.text
