@@ -41,7 +41,62 @@ def require_file(path: str | Path, how_to_get: str) -> Path:
     return p
 
 
-class TensorBatchLoader:
+class LoaderPosition:
+    """Where a resumable loader is: the epoch the next iteration serves and, inside it, the next batch.
+
+    ``state_dict`` is ``{"epoch", "batch"}`` plus ``settings()`` (what must be equal to continue the order);
+    ``load_state_dict`` refuses a checkpoint whose settings differ, naming them and ``RESUME_HINT``. Subclasses
+    call ``begin_epoch`` at the start of ``__iter__``, count ``served`` batches and define ``__len__``.
+    """
+
+    RESUME_HINT = "Resume with the data settings the run started with."
+
+    def __init__(self, epoch_fn: Callable[[], int] | None = None):
+        self.epoch_fn = epoch_fn
+        self.epoch = 0  # the epoch the next iteration serves
+        self.skip = 0  # batches of that epoch already trained on (set by load_state_dict)
+        self.current: int | None = None  # the epoch being iterated, and how many of its batches were handed out
+        self.served = 0
+
+    def settings(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def begin_epoch(self) -> tuple[int, int]:
+        """``(epoch, first batch)`` of the iteration that starts now; the next one starts an epoch later."""
+        if self.epoch_fn is not None and self.epoch_fn() != self.epoch:
+            self.epoch, self.skip = self.epoch_fn(), 0
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        self.current, self.served = epoch, skip
+        return epoch, skip
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch"}``: where the next batch comes from; plus what must match on resume."""
+        if self.current is None:
+            epoch, batch = self.epoch, self.skip
+        elif self.served >= len(self):  # the epoch was served completely: the next one starts at 0
+            epoch, batch = self.current + 1, 0
+        else:
+            epoch, batch = self.current, self.served
+        return {"epoch": epoch, "batch": batch, **self.settings()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        now = self.settings()
+        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]
+        if changed:
+            raise ConfigError(
+                "The checkpoint's batch order cannot be continued: "
+                + ", ".join(f"{k} was {state[k]}, now {now[k]}" for k in changed)
+                + f". {self.RESUME_HINT}"
+            )
+        self.epoch, self.skip = int(state["epoch"]), int(state["batch"])
+        self.current, self.served = None, 0
+
+
+class TensorBatchLoader(LoaderPosition):
     """Iterates over an in-memory split a whole batch at a time (one slice or gather per tensor).
 
     Shuffling uses its own generator seeded by ``seed`` and the epoch counter, so a run is
@@ -70,12 +125,9 @@ class TensorBatchLoader:
         world_size: int = 1,
         epoch_fn: Callable[[], int] | None = None,
     ):
-        self.split, self.batch_size, self.shuffle, self.epoch_fn = split, batch_size, shuffle, epoch_fn
+        super().__init__(epoch_fn)
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.epoch = 0  # the epoch the next iteration serves
-        self._skip = 0  # batches of that epoch already trained on (set by load_state_dict)
-        self._current: int | None = None  # the epoch being iterated, and how many of its batches were handed out
-        self._served = 0
         n = num_rows(split)
         self._rows = n // world_size if world_size > 1 else n
 
@@ -86,11 +138,7 @@ class TensorBatchLoader:
     def __iter__(self) -> Iterator[dict]:
         # a generator: none of this runs before the first batch is requested (Lightning creates the
         # iterator before the epoch starts, and once just to check the loader is iterable)
-        if self.epoch_fn is not None and self.epoch_fn() != self.epoch:
-            self.epoch, self._skip = self.epoch_fn(), 0
-        epoch, skip = self.epoch, self._skip
-        self.epoch, self._skip = epoch + 1, 0
-        self._current, self._served = epoch, skip
+        epoch, skip = self.begin_epoch()
         n = num_rows(self.split)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -102,30 +150,13 @@ class TensorBatchLoader:
             order = order[self.rank : self._rows * self.world_size : self.world_size]
         for b in range(skip, len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self._rows)
-            self._served = b + 1
+            self.served = b + 1
             yield gather(self.split, slice(lo, hi) if order is None else order[lo:hi])
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batch"}``: where the next batch comes from; plus what must match on resume."""
-        if self._current is None:
-            epoch, batch = self.epoch, self._skip
-        elif self._served >= len(self):  # the epoch was served completely: the next one starts at 0
-            epoch, batch = self._current + 1, 0
-        else:
-            epoch, batch = self._current, self._served
-        return {"epoch": epoch, "batch": batch, "batch_size": self.batch_size, "rows": self._rows, "seed": self.seed}
+    RESUME_HINT = "Resume with the data settings the run started with (data.batch_size, the dataset size, seed)."
 
-    def load_state_dict(self, state: Mapping) -> None:
-        now = {"batch_size": self.batch_size, "rows": self._rows, "seed": self.seed}
-        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]
-        if changed:
-            raise ConfigError(
-                "The checkpoint's batch order cannot be continued: "
-                + ", ".join(f"{k} was {state[k]}, now {now[k]}" for k in changed)
-                + ". Resume with the data settings the run started with (data.batch_size, the dataset size, seed)."
-            )
-        self.epoch, self._skip = int(state["epoch"]), int(state["batch"])
-        self._current, self._served = None, 0
+    def settings(self) -> dict[str, int]:
+        return {"batch_size": self.batch_size, "rows": self._rows, "seed": self.seed}
 
 
 class TabularDataModule(pl.LightningDataModule):

@@ -23,9 +23,10 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mtl_experiments.data.base import LoaderPosition
 from mtl_experiments.data.stream.shards import SPLIT_CODES
 from mtl_experiments.data.stream.stats import row_groups
-from mtl_experiments.errors import ConfigError, DataError
+from mtl_experiments.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class StreamDataset(IterableDataset):
             yield take(buffer, rng.permutation(length(buffer)))
 
 
-class StreamLoader:
+class StreamLoader(LoaderPosition):
     """What ``train_dataloader`` / ``val_dataloader`` return: the batches of one rank, ``len()`` of them per epoch,
     resumable like ``TensorBatchLoader`` (data/base.py): ``state_dict`` is the position ``{"epoch", "batch"}``
     of the next batch (plus what must match on resume); an epoch resumed at batch k replays the same plan and
@@ -189,17 +190,9 @@ class StreamLoader:
         epoch_fn: Callable[[], int] | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
     ):
+        super().__init__(epoch_fn)
         self.source, self.split, self.batch_size, self.seed, self.shuffle = source, split, batch_size, seed, shuffle
-        self.rank, self.world, self.workers, self.epoch_fn, self.on_epoch_end = (
-            rank,
-            world,
-            workers,
-            epoch_fn,
-            on_epoch_end,
-        )
-        self.epoch, self.skip = 0, 0
-        self.current: int | None = None
-        self.served = 0
+        self.rank, self.world, self.workers, self.on_epoch_end = rank, world, workers, on_epoch_end
 
     def plan(self, epoch: int) -> Plan:
         return Plan(self.source.shards, self.source.counts, self.split, self.seed, epoch, self.shuffle, self.world)
@@ -211,11 +204,7 @@ class StreamLoader:
         return sum(self.counts(self.plan(self.epoch)))
 
     def __iter__(self) -> Iterator[dict]:
-        if self.epoch_fn is not None and self.epoch_fn() != self.epoch:
-            self.epoch, self.skip = self.epoch_fn(), 0
-        epoch, skip = self.epoch, self.skip
-        self.epoch, self.skip = epoch + 1, 0
-        self.current, self.served = epoch, skip
+        epoch, skip = self.begin_epoch()
         plan = self.plan(epoch)
         counts = self.counts(plan)
         dataset = StreamDataset(
@@ -246,41 +235,19 @@ class StreamLoader:
             self.on_epoch_end({"rows_read": rows, "rows_skipped": plan.per_rank - rows, "rows_dropped": plan.dropped})
         return True
 
-    def state_dict(self) -> dict[str, int]:
-        if self.current is None:
-            epoch, batch = self.epoch, self.skip
-        elif self.served >= len(self):
-            epoch, batch = self.current + 1, 0
-        else:
-            epoch, batch = self.current, self.served
-        return {
-            "epoch": epoch,
-            "batch": batch,
-            "batch_size": self.batch_size,
-            "rows": self.source.rows(self.split),
-            "seed": self.seed,
-            "world": self.world,
-            "workers": self.workers,
-        }
+    RESUME_HINT = (
+        "Resume with the settings the run started with (data.batch_size, data.num_workers, the devices, seed) on the "
+        "same shards."
+    )
 
-    def load_state_dict(self, state: Mapping) -> None:
-        now = {
+    def settings(self) -> dict[str, int]:
+        return {
             "batch_size": self.batch_size,
             "rows": self.source.rows(self.split),
             "seed": self.seed,
             "world": self.world,
             "workers": self.workers,
         }
-        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]
-        if changed:
-            raise ConfigError(
-                "The checkpoint's stream position cannot be continued: "
-                + ", ".join(f"{k} was {state[k]}, now {now[k]}" for k in changed)
-                + ". Resume with the settings the run started with (data.batch_size, data.num_workers, the devices, "
-                "seed) on the same shards."
-            )
-        self.epoch, self.skip = int(state["epoch"]), int(state["batch"])
-        self.current, self.served = None, 0
 
 
 def read_groups(source, groups: list[tuple], split: str) -> Iterator[dict]:
