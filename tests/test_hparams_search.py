@@ -244,19 +244,21 @@ def test_study_trials_are_child_runs_and_a_persistent_study_resumes(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
-    """Trial 0 raises inside training (Adam rejects lr=-1); the study records it FAIL, its run ends FAILED,
-    and the next trials run. Launched through the installed ``mtl-train`` from outside the repository."""
+    """Trial 0 fails inside training (lr=1e6 diverges; module.divergence.action=stop ends it; a bad value such as
+    lr=-1 is now refused by the config check before any run exists); the study records it FAIL, its run ends
+    FAILED, and the next trials run. Launched through the installed ``mtl-train`` from outside the repository."""
     proc = multirun(
         tmp_path,
         "hparams_search=lr",
-        "optimizer.lr=choice(-1.0, 0.01)",
-        "hydra.sweeper.enqueue_trials=[{optimizer.lr: -1.0, optimizer.weight_decay: 0.0}, {optimizer.lr: 0.01}]",
+        "module.divergence.action=stop",
+        "optimizer.lr=choice(1000000.0, 0.01)",
+        "hydra.sweeper.enqueue_trials=[{optimizer.lr: 1000000.0, optimizer.weight_decay: 0.0}, {optimizer.lr: 0.01}]",
         "hydra.sweeper.n_trials=3",
         sweep_dir="sweep",
         entry="mtl-train",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Trial 0 failed: Invalid learning rate: -1.0" in proc.stdout  # Hydra's log
+    assert "Trial 0 failed: Training diverged at step" in proc.stdout  # Hydra's log
     results = yaml.safe_load((tmp_path / "sweep" / RESULTS_FILE).read_text())
     assert results["this_sweep"] == [0, 1, 2] and results["trials"]["fail"] + results["trials"]["complete"] == 3
     assert results["best_trial"] != 0 and results["best_params"]["optimizer.lr"] == 0.01
@@ -264,7 +266,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     by_lr = {}
     for child in children:
         by_lr.setdefault(float(child.data.params["optimizer.lr"]), set()).add(child.info.status)
-    assert by_lr[-1.0] == {"FAILED"} and by_lr[0.01] == {"FINISHED"}
+    assert by_lr[1e6] == {"FAILED"} and by_lr[0.01] == {"FINISHED"}
 
 
 def test_a_search_space_key_that_does_not_exist_stops_before_any_trial(tmp_path):
