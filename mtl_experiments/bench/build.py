@@ -59,9 +59,11 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bare_trainer(epochs: int, callbacks=(), log_every_n_steps: int = 50) -> pl.Trainer:
-    """A CPU Trainer that only trains: no logger, checkpoints, progress bar, summary or validation."""
+def bare_trainer(epochs: int, callbacks=(), log_every_n_steps: int = 50, **limits) -> pl.Trainer:
+    """A CPU Trainer that only trains: no logger, checkpoints, progress bar, summary or validation (``limits``:
+    more Trainer arguments, e.g. ``limit_train_batches``)."""
     return pl.Trainer(
+        **limits,
         callbacks=list(callbacks),
         max_epochs=epochs,
         log_every_n_steps=log_every_n_steps,

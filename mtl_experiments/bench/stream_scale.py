@@ -79,7 +79,7 @@ def measure_one(mode: str, rows: int, log: str, steps: int, workers: int) -> dic
     """One contender in this (fresh) process: set-up seconds, pass rows/s (stream), samples/s, peak MB."""
     import lightning.pytorch as pl
 
-    from mtl_experiments.bench.build import compose_config
+    from mtl_experiments.bench.build import bare_trainer, compose_config
     from mtl_experiments.pipeline import build, build_model, build_module
 
     with tempfile.TemporaryDirectory() as cache:
@@ -90,17 +90,7 @@ def measure_one(mode: str, rows: int, log: str, steps: int, workers: int) -> dic
         datamodule.setup()
         setup_s = time.perf_counter() - start
         module = build_module(cfg, datamodule, build_model(cfg, datamodule))
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            limit_train_batches=steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = bare_trainer(1, limit_train_batches=steps)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_s = time.perf_counter() - start
