@@ -272,7 +272,7 @@ def shared_layers(model: nn.Module, shared: Sequence[nn.Parameter]) -> list[tupl
     names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for p in shared:
-        layer = names[id(p)].rsplit(".", 1)[0] if "." in names[id(p)] else names[id(p)]
+        layer = names[id(p)].rsplit(".", 1)[0]  # the whole name when it has no dot
         out.append((layer.removeprefix("backbone."), p.numel()))
     return out
 
