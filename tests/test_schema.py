@@ -130,7 +130,7 @@ def test_every_global_option_passes(group):
         schema.validate(cfg, dict(cfg.hydra.runtime.choices))
 
 
-@pytest.mark.parametrize("group", ["trainer", "optimizer", "scheduler"])
+@pytest.mark.parametrize("group", ["trainer", "optimizer", "scheduler", "module"])
 def test_every_key_of_the_typed_groups_has_a_rule(group):
     rules = schema.GROUPS[group]
     for path in sorted((CONF / group).glob("*.yaml")):
