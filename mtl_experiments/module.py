@@ -277,6 +277,9 @@ class MTLModule(pl.LightningModule):
         weights = self._backward(opt, losses, task_grads)
         # before opt.step(): the lookahead affinity starts from this step's parameters
         measured = self._measure(opt, plan, weights, step, gates, batch)
+        if plan.tracked is not None:  # the function-space estimators, from this step's outputs (no backward)
+            masks = {name: self._label_mask(name, batch["labels"]) for name in self.tasks}
+            self.conflict_tracker.track_outputs(self.tasks, outputs, batch["labels"], masks)
         opt.step()
         self.step_weighting.after_optimizer_step(losses.detach())
         self._step_scheduler("step")

@@ -23,7 +23,11 @@ training step, everything but the update cosines and the affinity follows from t
 - for mixture backbones, per-task gate entropy and expert utilisation (see ``ConflictTracker.update_gates``);
 - the low-noise estimators ``ema_cosine``, ``accumulated_cosine`` and ``layer_cosine`` (``conflict_averaged.py``):
   cosines of each task's gradient over the shared parameters averaged over the tracked steps (every
-  ``track_every_n_steps``), which see the tasks' relatedness where one step's cosine sees mostly noise.
+  ``track_every_n_steps``), which see the tasks' relatedness where one step's cosine sees mostly noise;
+- the function-space estimators ``output_cosine`` and ``initial_output_cosine`` (``conflict_output.py``): the
+  cosine of the tasks' per-sample loss gradients with respect to their own outputs on the tracked steps (the
+  parameter-space cosine with each task's tower Jacobian factored out), over the run and over the first
+  ``initial_steps`` tracked steps.
 
 Zero gradients: a cosine with a zero vector is 0/0; it is **defined as 0** (neither aligned nor
 conflicting, so it never counts towards the conflict rate), and so is Φ_ij when both norms are 0.
@@ -41,6 +45,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +54,7 @@ from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.grads import GRAD_SOURCES
 from mtl_experiments.metrics.conflict_averaged import GradientAverages, batched_cosine
+from mtl_experiments.metrics.conflict_output import OutputCosine, output_residuals
 from mtl_experiments.metrics.running import RunningMean
 
 log = logging.getLogger(__name__)
@@ -252,6 +258,7 @@ class ExpertUtilisation(_MeanOverSteps):
 # -- the tracker the module drives --------------------------------------------------------------------
 # symmetric: pairs a-b with a before b in config order
 PAIRWISE = ("cosine", "magnitude", "rate", "ema_cosine", "accumulated_cosine", "initial_cosine")
+OUTPUT = ("output_cosine", "initial_output_cosine")  # pairwise, for pairs of one-output-per-sample tasks only
 TRACKED = ("ema_cosine", "accumulated_cosine")  # logged per step (their latest value) at the measured steps
 SCALARS = ("update_cosine", "worst_update_cosine")
 
@@ -288,8 +295,11 @@ class ConflictTracker(nn.Module):
                 "ema_cosine": PairwiseCosine(t),
                 "accumulated_cosine": PairwiseCosine(t),
                 "initial_cosine": PairwiseCosine(t),
+                "output_cosine": OutputCosine(t),
+                "initial_output_cosine": OutputCosine(t),
             }
         )
+        self.scalar_tasks = [True] * t  # tasks with one output per sample (set at the first track_outputs)
         if layers:
             self.metrics["layer_cosine"] = LayerCosine(len(self.averages.layer_names), t)
         # keyed by task index: ModuleDict keys may not shadow Module attributes (a task named "train")
@@ -350,6 +360,22 @@ class ConflictTracker(nn.Module):
             self.metrics["layer_cosine"].update(layers)
         if block is not None:
             self.metrics["accumulated_cosine"].update(block)
+
+    def track_outputs(
+        self,
+        tasks: Mapping[str, Any],
+        outputs: Mapping[str, Tensor],
+        labels: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor | None],
+    ) -> None:
+        """One tracked step's function-space cosines (``conflict_output.py``) from the tasks' outputs, labels and
+        label masks (``tasks``: name -> task with ``loss``, in config order); nothing logged."""
+        residuals, label_masks, self.scalar_tasks = output_residuals(tasks, outputs, labels, masks)
+        if sum(self.scalar_tasks) < 2:  # no pair of one-output-per-sample tasks: no value
+            return
+        if int(self.metrics["initial_output_cosine"].count) < self.config.initial_steps:
+            self.metrics["initial_output_cosine"].update(residuals, label_masks)
+        self.metrics["output_cosine"].update(residuals, label_masks)
 
     def update_affinity(self, affinity: Tensor) -> dict[str, Tensor]:
         self.metrics["affinity"].update(affinity)
@@ -447,6 +473,7 @@ class ConflictTracker(nn.Module):
             "epoch_start": {k: list(v) for k, v in self._epoch_start.items()},
             "history": [list(h) for h in self.history],
             "averages": self.averages.state(),
+            "scalar_tasks": list(self.scalar_tasks),
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -458,6 +485,7 @@ class ConflictTracker(nn.Module):
             metric.sum, metric.count = total.to(metric.sum.device), count.to(metric.count.device)
         self._epoch_start = {k: (v[0], v[1]) for k, v in state["epoch_start"].items()}
         self.history = [(int(h[0]), h[1], h[2]) for h in state["history"]]
+        self.scalar_tasks = list(state.get("scalar_tasks", self.scalar_tasks))
         if "averages" in state:  # absent from checkpoints written before the low-noise estimators
             self.averages.load(state["averages"])
 
@@ -471,6 +499,9 @@ class ConflictTracker(nn.Module):
         names = self.task_names
         if key in PAIRWISE:
             return {f"{key}/{names[i]}-{names[j]}": value[i, j] for i, j in self.pairs}
+        if key in OUTPUT:
+            pairs = [(i, j) for i, j in self.pairs if self.scalar_tasks[i] and self.scalar_tasks[j]]
+            return {f"{key}/{names[i]}-{names[j]}": value[i, j] for i, j in pairs}
         if key == "affinity":
             t = range(len(names))
             return {f"affinity/{names[i]}-{names[j]}": value[i, j] for i in t for j in t if i != j}
