@@ -183,7 +183,7 @@ MODULE: dict[str, Check] = {
     "conflict.track_every_n_steps": rule(checks.non_negative_int, hint="0 = off"),
     "conflict.ema_beta": rule(checks.fraction, open_high=True, hint="e.g. 0.95"),
     "conflict.accumulate_steps": rule(checks.positive_int, hint="e.g. 20"),
-    "conflict.initial_steps": rule(checks.positive_int, hint="tracked steps initial_cosine averages, e.g. 12"),
+    "conflict.initial_steps": rule(checks.positive_int, hint="tracked steps the initial_* estimators average, e.g. 12"),
     "divergence": rule(checks.mapping),
     "divergence.action": one_of("off", "warn", "stop"),
     "divergence.loss_factor": nullable(rule(checks.positive_number, hint="null = off")),

@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from mtl_experiments.metrics.conflict import HEADLINE  # noqa: E402
+
 ESTIMATORS = (
     "cosine",
     "rate",
@@ -30,6 +32,8 @@ ESTIMATORS = (
     "layer_cosine/bottom.0",
     "layer_cosine/bottom.2",
     "initial_cosine",
+    "output_cosine",
+    "initial_output_cosine",
 )
 
 
@@ -72,9 +76,7 @@ def plot(values: dict[str, dict[float, list[float]]], path: str) -> None:
         corrs = sorted(by)
         means = [np.mean(by[c]) for c in corrs]
         stds = [np.std(by[c], ddof=1) if len(by[c]) > 1 else 0.0 for c in corrs]
-        ax.errorbar(
-            corrs, means, yerr=stds, marker="o", capsize=3, label=name, lw=2.5 if name == "initial_cosine" else 1
-        )
+        ax.errorbar(corrs, means, yerr=stds, marker="o", capsize=3, label=name, lw=2.5 if name == HEADLINE else 1)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("task correlation cos(w1, w2) (data.correlation)")
     ax.set_ylabel("run summary (mean ± std over seeds)")

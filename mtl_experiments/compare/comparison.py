@@ -79,7 +79,7 @@ def _metric_keys(runs: Sequence[RunData]) -> tuple[list[str], dict[str, bool | N
 
 # the conflict summaries shown per pair: the headline that tracks task relatedness (metrics.conflict.HEADLINE, not
 # imported: it would load torch into mtl-compare; tests/compare pins them equal), the per-step cosine and rate
-CONFLICT_COLUMNS = (("initial_cosine", "cos₀"), ("cosine", "cos"), ("rate", "conflict"))
+CONFLICT_COLUMNS = (("initial_output_cosine", "cos₀"), ("cosine", "cos"), ("rate", "conflict"))
 
 
 def _conflict_keys(runs: Sequence[RunData]) -> tuple[list[str], list[str]]:

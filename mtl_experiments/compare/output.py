@@ -85,8 +85,9 @@ def _header(c: Comparison) -> list[str]:
     ]
     if c.conflict_pairs:
         lines.append(
-            "cos₀ a-b: cosine of the tasks' averaged gradients early in training (`conflict/mean/initial_cosine/"
-            "<a>-<b>`, the summary that tracks task relatedness, docs/results.md); "
+            "cos₀ a-b: cosine of the tasks' per-sample loss gradients w.r.t. their outputs early in training "
+            "(`conflict/mean/initial_output_cosine/<a>-<b>`, the summary that tracks task relatedness, "
+            "docs/results.md); "
             "cos a-b: mean per-step gradient cosine over training (`conflict/mean/cosine/<a>-<b>`, noisy); "
             "conflict a-b: share of measured steps with cosine < 0 (`conflict/mean/rate/<a>-<b>`)."
         )

@@ -78,6 +78,7 @@ def make_store(tmp_path: Path, with_single_task: bool = True) -> dict:
     def conflict(cos, rate):
         return {
             "conflict/mean/initial_cosine/y1-y2": cos + 0.5,
+            "conflict/mean/initial_output_cosine/y1-y2": cos + 0.4,
             "conflict/mean/cosine/y1-y2": cos,
             "conflict/mean/rate/y1-y2": rate,
             "conflict/mean/magnitude/y1-y2": 0.9,
