@@ -244,7 +244,14 @@ class StreamDataModule(TabularDataModule):
             workers=self.num_workers,
             epoch_fn=(lambda: trainer.current_epoch) if train and trainer is not None else None,
             on_epoch_end=self.log_epoch if train else None,
+            agree=self.all_ranks_have if world > 1 and self.on_bad_shard == "skip" else None,
         )
+
+    def all_ranks_have(self, batch: bool) -> bool:
+        """Whether every rank has a next batch (a collective: every rank calls it before each of its batches)."""
+        strategy = self.trainer.strategy
+        flag = torch.tensor([float(batch)], device=strategy.root_device)
+        return bool(strategy.reduce(flag, reduce_op="min").item() > 0)
 
     def log_epoch(self, counts: Mapping[str, int]) -> None:
         """``data/rows_read``, ``data/rows_skipped`` (bad shards' rows, whole-job), ``data/rows_dropped``."""

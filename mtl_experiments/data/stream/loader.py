@@ -54,6 +54,11 @@ def tensors(tree):
     return torch.from_numpy(np.ascontiguousarray(tree))
 
 
+def as_is(block):
+    """The DataLoader's collate function: the block unchanged (its default would make tensors in the worker)."""
+    return block
+
+
 def share(total: int, parts: int, k: int) -> tuple[int, int]:
     """The k-th of ``parts`` contiguous, near-equal parts of ``range(total)``."""
     size, extra = divmod(total, parts)
@@ -124,13 +129,14 @@ class StreamDataset(IterableDataset):
         seed: int,
         epoch: int,
         shuffle_buffer: int,
-        segments: Callable | None,
     ):
         self.first_part = first_part  # the part (of the rank's rows) worker 0 reads
         self.source, self.split, self.plan, self.rank, self.batch_size = source, split, plan, rank, batch_size
-        self.skip, self.seed, self.epoch, self.buffer_rows, self.segments = skip, seed, epoch, shuffle_buffer, segments
+        self.skip, self.seed, self.epoch, self.buffer_rows = skip, seed, epoch, shuffle_buffer
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches as numpy arrays: they cross from a worker process pickled in one message (a torch tensor would
+        be moved to a shared-memory file of its own, a few system calls per tensor, about ten per batch)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         part = (worker + self.first_part) % workers  # a resumed epoch starts at the part whose turn it is
@@ -144,15 +150,9 @@ class StreamDataset(IterableDataset):
                 batch, pending = take(pending, slice(0, self.batch_size)), take(pending, slice(self.batch_size, None))
                 served += 1
                 if served > skip:
-                    yield self.finish(batch)
+                    yield batch
         if pending is not None and length(pending) and served + 1 > skip:
-            yield self.finish(pending)
-
-    def finish(self, block: dict) -> dict:
-        batch = tensors(block)
-        if self.segments is not None:
-            batch["segments"] = self.segments(batch)
-        return batch
+            yield pending
 
     def rows(self, groups: list[tuple], rng: np.random.Generator) -> Iterator[dict]:
         """The split's rows of ``groups`` in order, through the shuffle buffer when training."""
@@ -189,10 +189,12 @@ class StreamLoader(LoaderPosition):
         workers: int = 0,
         epoch_fn: Callable[[], int] | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ):
         super().__init__(epoch_fn)
         self.source, self.split, self.batch_size, self.seed, self.shuffle = source, split, batch_size, seed, shuffle
         self.rank, self.world, self.workers, self.on_epoch_end = rank, world, workers, on_epoch_end
+        self.agree = agree  # under DDP with on_bad_shard=skip: "has every rank a batch?" (see `in_step`)
 
     def plan(self, epoch: int) -> Plan:
         return Plan(self.source.shards, self.source.counts, self.split, self.seed, epoch, self.shuffle, self.world)
@@ -217,11 +219,16 @@ class StreamLoader(LoaderPosition):
             self.seed,
             epoch,
             self.source.shuffle_buffer if self.shuffle else 0,
-            self.source.segments_of(self.split),
         )
-        batches = dataset if self.workers == 0 else DataLoader(dataset, batch_size=None, num_workers=self.workers)
+        blocks = dataset
+        if self.workers:
+            blocks = DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=as_is)
+        segments = self.source.segments_of(self.split)
         rows, total, reported = 0, sum(counts), skip > 0  # a resumed epoch reads only part of its rows: no report
-        for batch in batches:
+        for block in self.in_step(blocks, total - skip):
+            batch = tensors(block)
+            if segments is not None:
+                batch["segments"] = segments(batch)
             self.served += 1
             rows += length(batch["labels"])
             if self.served == total and not reported:  # before the last batch: Lightning asks for no more
@@ -229,6 +236,21 @@ class StreamLoader(LoaderPosition):
             yield batch
         if not reported:  # fewer batches than planned: rows of a bad shard were skipped
             self.report(rows, plan)
+
+    def in_step(self, blocks, planned: int) -> Iterator[dict]:
+        """``blocks``; with ``agree`` (DDP, ``on_bad_shard=skip``) every rank first asks whether all ranks have a next
+        batch and all stop at the first one that has none: a rank that skipped a bad shard mid-epoch has fewer
+        batches, and DDP would wait forever for its missing steps. The rows the other ranks had left are then
+        counted as skipped too (``report``: planned minus read)."""
+        if self.agree is None:
+            yield from blocks
+            return
+        blocks = iter(blocks)
+        for _ in range(planned):
+            block = next(blocks, None)
+            if not self.agree(block is not None) or block is None:
+                return
+            yield block
 
     def report(self, rows: int, plan: Plan) -> bool:
         if self.on_epoch_end is not None:
