@@ -98,21 +98,23 @@ def summary_artifact(uri: str, run_id: str) -> dict:
 
 
 def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp_path):
-    """Basic launcher, 4 jobs: two fail config validation before their run exists (data.correlation=2),
+    """Basic launcher, 4 jobs: two fail before their run exists (resume= names no checkpoint: found after the config
+    check, which refuses a sweep with a bad value whole, see the test below),
     one fails in training with a FAILED run (lr=1e30 makes the loss NaN at the first step), one finishes.
     Hydra runs every job of the batch, then re-raises the first failure (exit code != 0), so the parent
     is ended and summarised by the callback's atexit handler."""
     uri = f"sqlite:///{tmp_path / 'env.db'}"
-    proc = multirun(tmp_path, "data.correlation=2.0,0.5", "optimizer.lr=1e30,0.001", tracking_uri=uri)
+    missing = str(tmp_path / "none.ckpt")
+    proc = multirun(tmp_path, f"resume={missing},null", "optimizer.lr=1e30,0.001", tracking_uri=uri)
     assert proc.returncode != 0
-    assert "data.correlation must be a number in [-1, 1], got 2.0" in proc.stderr
+    assert f"resume={missing}: no such checkpoint file" in proc.stderr
     assert not (tmp_path / tracking.DEFAULT_DB).exists()  # the environment variable chose the store
     (parent,), children = all_runs(uri)
     assert parent.info.status == "FAILED"
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     # only the two valid configs made runs; the other jobs still ran after the failures
-    status = {(c.data.params["data.correlation"], c.data.params["optimizer.lr"]): c.info.status for c in children}
-    assert status == {("0.5", "0.001"): "FINISHED", ("0.5", "1e+30"): "FAILED"}
+    status = {(c.data.params["resume"], c.data.params["optimizer.lr"]): c.info.status for c in children}
+    assert status == {("None", "0.001"): "FINISHED", ("None", "1e+30"): "FAILED"}
 
     metrics = parent.data.metrics
     assert (metrics["sweep/jobs"], metrics["sweep/finished_jobs"], metrics["sweep/failed_jobs"]) == (4, 1, 3)
@@ -120,22 +122,36 @@ def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp
     job_tags = sorted(k for k in parent.data.tags if k.startswith(FAILED_JOB_TAG))
     assert job_tags == [f"{FAILED_JOB_TAG}{i}" for i in range(3)]
     failed_tag = parent.data.tags[FAILED_OVERRIDES_TAG]
-    assert failed_tag.count("data.correlation=2.0") == 2 and "data.correlation=0.5 optimizer.lr=1e+30" in failed_tag
+    assert failed_tag.count(f"resume={missing}") == 2 and "resume=null optimizer.lr=1e+30" in failed_tag
 
     summary = summary_artifact(uri, parent.info.run_id)
     assert (summary["status"], summary["jobs"], summary["finished_jobs"], summary["failed_jobs"]) == ("FAILED", 4, 1, 3)
     by_job = {f["job"]: f for f in summary["failed"]}
     assert sorted(by_job) == [0, 1, 2]
     assert by_job[0]["run_id"] is None
-    assert by_job[0]["error"].startswith("ConfigError: data.correlation must be a number in [-1, 1]")
-    assert by_job[0]["swept"] == {"data.correlation": "2.0", "optimizer.lr": "1e+30"}
+    assert by_job[0]["error"].startswith(f"ConfigError: resume={missing}: no such checkpoint file")
+    assert by_job[0]["swept"] == {"resume": missing, "optimizer.lr": "1e+30"}
     nan_run = next(c for c in children if c.info.status == "FAILED")
     assert (by_job[2]["run_id"], by_job[2]["status"]) == (nan_run.info.run_id, "FAILED") and by_job[2]["error"]
     (finished,) = summary["finished"]
     assert finished["status"] == "FINISHED" and "optimizer.lr=0.001" in finished["overrides"]
     # and on the console, at the end
-    assert "Sweep synthetic: correlation x lr (sweep) FAILED: 4 job(s), 1 finished, 3 failed" in proc.stderr
-    assert "failed job #2 [data.correlation=0.5 optimizer.lr=1e+30] (run " in proc.stderr
+    assert "Sweep synthetic: resume x lr (sweep) FAILED: 4 job(s), 1 finished, 3 failed" in proc.stderr
+    assert "failed job #2 [resume=null optimizer.lr=1e+30] (run " in proc.stderr
+
+
+def test_a_sweep_with_bad_values_is_refused_whole_before_any_run(tmp_path):
+    """Every job's config is checked before the parent run or any job exists: one line naming the first bad job's
+    swept values and the key, exit code 2, nothing recorded in the (real, already created) SQLite store."""
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    MlflowClient(uri).create_experiment("mtl-experiments")
+    proc = multirun(tmp_path, "optimizer.lr=fast,0.1", "seed=0,1", tracking_uri=uri)
+    assert proc.returncode == 2
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert line.startswith("Error: sweep job [optimizer.lr=fast seed=0] (2 of 4 jobs have bad values; nothing was run)")
+    assert "optimizer.lr must be a finite number > 0, got 'fast'" in line
+    assert all_runs(uri) == ([], [])
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / tracking.DEFAULT_DB).exists()
 
 
 def _sweep_cfg(tmp_path: Path, *overrides: str):
