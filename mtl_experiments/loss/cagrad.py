@@ -9,7 +9,8 @@ Its dual (Algorithm 1) is T-dimensional, with g_w = Σ_t w_t g_t:
 
     w* = argmin_{w ∈ simplex} g_wᵀg_0 + c‖g_0‖·‖g_w‖,      d = g_0 + (c‖g_0‖ / ‖g_w*‖)·g_w*.
 
-Everything is computed on the T×T Gramian A = G Gᵀ (g_wᵀg_0 = wᵀA1/T, ‖g_w‖² = wᵀAw, ‖g_0‖² = 1ᵀA1/T²)
+Everything is computed on the T×T Gramian A = G Gᵀ in float64 (``loss.base.GramianAggregation``; g_wᵀg_0 = wᵀA1/T,
+‖g_w‖² = wᵀAw, ‖g_0‖² = 1ᵀA1/T²)
 and the dual is solved with SLSQP, as in the authors' code (here with the analytic gradient and a
 tight tolerance). Variant choices:
 
@@ -30,6 +31,9 @@ tight tolerance). Variant choices:
   when the optimum is 0), d = (1 − min(c, 1))·g_0, the ball's point nearest 0 (d = 0, optimal, for c ≥ 1); it is
   logged (``weighting/fallback``) with a warning. All gradients zero: d = 0. SLSQP's iterations and success are
   logged as ``weighting/iterations`` and ``weighting/converged``.
+- SLSQP starts from the previous step's w* (a buffer, so a resumed run starts from the same point; issue 17's warm
+  start), not from 1/T: the same tolerance, the same optimum to it, fewer iterations while the gradients move
+  slowly.
 
 The weights reported are exact: update = Σ_t w_t g_t with w = T·(1/T + (c‖g_0‖/‖g_w*‖)·w*)/rescale.
 """
@@ -37,6 +41,7 @@ The weights reported are exact: update = Σ_t w_t g_t with w = T·(1/T + (c‖g_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -44,16 +49,23 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 from mtl_experiments.loss.solver import SolverReport
+from mtl_experiments.tasks import Task
 
 RESCALE = (0, 1, 2)
 
 
-def cagrad_dual(gram: np.ndarray, c: float, live: np.ndarray | None = None) -> tuple[np.ndarray, int, bool]:
+def cagrad_dual(
+    gram: np.ndarray, c: float, live: np.ndarray | None = None, start: np.ndarray | None = None
+) -> tuple[np.ndarray, int, bool]:
     """``(w*, iterations, success)``: the dual solution on the simplex of the tasks ``live`` (default all) for the
-    Gramian ``gram`` of all T tasks (float64, T×T); w* is 0 off ``live``."""
+    Gramian ``gram`` of all T tasks (float64, T×T); w* is 0 off ``live``. SLSQP starts from ``start`` (a previous
+    w*, issue 17's warm start) where it has weight on the live tasks, else from 1/T."""
     live = np.ones(gram.shape[0], dtype=bool) if live is None else live
+    x0 = np.full(int(live.sum()), 1.0 / int(live.sum()))
+    if start is not None and np.isfinite(start).all() and start[live].sum() > 0:
+        x0 = np.clip(start[live], 0.0, None) / np.clip(start[live], 0.0, None).sum()
     b = gram.mean(axis=1)[live]  # A·1/T: b_t = g_tᵀg_0 (g_0 the mean of all T gradients)
     k = c * math.sqrt(max(float(gram.mean()), 0.0))  # c‖g_0‖
     gram = gram[np.ix_(live, live)]
@@ -67,7 +79,7 @@ def cagrad_dual(gram: np.ndarray, c: float, live: np.ndarray | None = None) -> t
 
     res = minimize(
         objective,
-        np.full(T, 1.0 / T),
+        x0,
         jac=True,
         method="SLSQP",
         bounds=[(0.0, 1.0)] * T,
@@ -80,7 +92,7 @@ def cagrad_dual(gram: np.ndarray, c: float, live: np.ndarray | None = None) -> t
     return out, int(res.nit), bool(res.success)
 
 
-class CAGrad(GradientAggregation):
+class CAGrad(GramianAggregation):
     """``update = T·(g_0 + (c‖g_0‖/‖g_w*‖)·g_w*)/rescale`` (see the module docstring)."""
 
     def __init__(self, c: float = 0.4, rescale: int = 1, grad_source: str = "params"):
@@ -90,19 +102,25 @@ class CAGrad(GradientAggregation):
         self.rescale = checks.integer("loss.rescale", rescale, low=min(RESCALE), high=max(RESCALE), hint=hint)
         self.report = SolverReport("CAGrad")
 
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
+        # the last dual solution w*: the next solve starts from it (a buffer: saved in checkpoints)
+        self.register_buffer("w", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64))
+
     def _scale(self) -> float:
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        T = grads.shape[0]
-        gram = (grads @ grads.T).detach().double().cpu()
+    def weigh(self, gram: Tensor) -> Tensor:
+        T = gram.shape[0]
         mean_sq_norm = float(gram.diagonal().mean())
         if mean_sq_norm <= 0:  # every task gradient is zero: nothing to move
             self.report.record(0, True)
-            return torch.zeros_like(grads[0]), torch.ones(T, dtype=grads.dtype, device=grads.device)
+            return torch.ones(T, dtype=torch.float64)
         gram = (gram / mean_sq_norm).numpy()  # scale-free solve; w* does not depend on the scale of G
         live = np.diagonal(gram) > 0  # a zero gradient only adds the constant 0 to the worst value
-        w, iterations, success = cagrad_dual(gram, self.c, live)
+        start = self.w.cpu().numpy() if self.w.shape == (T,) else None
+        w, iterations, success = cagrad_dual(gram, self.c, live, start)
+        self.w = torch.as_tensor(w, device=self.w.device)
         g0_norm = math.sqrt(max(float(gram.mean()), 0.0))
         gw_norm = math.sqrt(max(float(w @ gram @ w), 0.0))
         weights, fallback = np.full(T, 1.0 / T), None
@@ -112,8 +130,7 @@ class CAGrad(GradientAggregation):
             fallback = "0 lies in the convex hull of the task gradients: d = (1 - min(c, 1))·g_0"
             weights = weights * (1.0 - min(self.c, 1.0))
         self.report.record(iterations, success, fallback)
-        weights_t = torch.as_tensor(T * weights / self._scale(), dtype=grads.dtype, device=grads.device)
-        return weights_t @ grads, weights_t
+        return torch.as_tensor(T * weights / self._scale(), dtype=torch.float64)
 
     def log_values(self) -> dict[str, Tensor]:
         return self.report.log_values()

@@ -19,6 +19,10 @@ relative residual max_t |F_t| / w_t^{−1/α}, and whether it is below ``tol_res
 is not (no root exists when 0 lies in the convex hull of the gradients, e.g. exactly opposite ones: the solver then
 stops at a best fit).
 
+Each solve starts from the previous step's scale-free root (a buffer, so a resumed run starts from the same point;
+issue 17's warm start) instead of 1/T: the same tolerances, the same root (it is unique), fewer evaluations while
+the gradients move slowly.
+
 A task whose gradient is exactly zero has no root (w_t → ∞ with no effect on d): it is left out of the solve
 and reports the mean weight of the others (1/T if every gradient is zero, the update then 0).
 """
@@ -26,6 +30,7 @@ and reports the mean weight of the others (1/T if every gradient is zero, the up
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -33,13 +38,20 @@ from scipy.optimize import least_squares
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 from mtl_experiments.loss.solver import SolverReport
+from mtl_experiments.tasks import Task
 
 
-def fairgrad_root(gram: np.ndarray, alpha: float, tol: float, max_iters: int) -> tuple[np.ndarray, int]:
-    """The root of ``gram @ w = w**(-1/alpha)``, w > 0 (float64), by least squares; returns (w, evaluations)."""
+def fairgrad_root(
+    gram: np.ndarray, alpha: float, tol: float, max_iters: int, start: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """The root of ``gram @ w = w**(-1/alpha)``, w > 0 (float64), by least squares from ``start`` (a previous root,
+    issue 17's warm start, where it is positive and finite) or 1/T; returns (w, evaluations)."""
     num = gram.shape[0]
+    x0 = np.full(num, 1.0 / num)
+    if start is not None and start.shape == x0.shape and np.isfinite(start).all() and (start > 0).all():
+        x0 = start
 
     def residual(w: np.ndarray) -> np.ndarray:
         return gram @ w - np.power(np.maximum(w, 1e-300), -1.0 / alpha)
@@ -49,7 +61,7 @@ def fairgrad_root(gram: np.ndarray, alpha: float, tol: float, max_iters: int) ->
 
     res = least_squares(
         residual,
-        np.full(num, 1.0 / num),
+        x0,
         jac=jacobian,
         bounds=(0.0, np.inf),
         method="trf",
@@ -61,7 +73,7 @@ def fairgrad_root(gram: np.ndarray, alpha: float, tol: float, max_iters: int) ->
     return res.x, int(res.nfev)
 
 
-class FairGrad(GradientAggregation):
+class FairGrad(GramianAggregation):
     """``update = Σ_t w_t g_t`` with ``G Gᵀ w = w^{−1/α}`` (see the module docstring)."""
 
     def __init__(
@@ -84,25 +96,31 @@ class FairGrad(GradientAggregation):
         self.register_buffer("converged", torch.ones(()))
         self.report = SolverReport("FairGrad")
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.detach().to(torch.float64)
-        gram = (g @ g.T).cpu().numpy()
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
+        # the last scale-free root (0: none yet): the next solve starts from it (a buffer: saved in checkpoints)
+        self.register_buffer("root", torch.zeros(self.num_tasks, dtype=torch.float64))
+
+    def weigh(self, gram: Tensor) -> Tensor:
+        gram = gram.numpy()
         num = gram.shape[0]
         nonzero = np.diag(gram) > 0
         weights = np.full(num, 1.0 / num)
         if nonzero.any():
             sub = gram[np.ix_(nonzero, nonzero)]
             scale = float(np.diag(sub).mean())
-            w, evaluations = fairgrad_root(sub / scale, self.alpha, self.tol, self.max_iters)
+            start = self.root.cpu().numpy()[nonzero] if self.root.shape == (num,) else None
+            w, evaluations = fairgrad_root(sub / scale, self.alpha, self.tol, self.max_iters, start)
+            root = np.zeros(num)
+            root[nonzero] = w  # the scale-free root: the next step's start
+            self.root = torch.as_tensor(root, device=self.root.device)
             target = np.power(np.maximum(w, 1e-300), -1.0 / self.alpha)
             residual = float(np.max(np.abs(sub / scale @ w - target) / target))
             w = w * scale ** (-self.alpha / (1.0 + self.alpha))
             weights[nonzero] = w
-            weights[~nonzero] = w.mean()
+            weights[~nonzero] = w.mean()  # reported only: a zero row adds nothing to the update
             self.record(evaluations, residual)
-        weights_t = torch.as_tensor(weights, dtype=torch.float64, device=grads.device)
-        update = torch.where(torch.as_tensor(nonzero, device=grads.device), weights_t, 0.0) @ g
-        return update.to(grads.dtype), weights_t.to(grads.dtype)
+        return torch.as_tensor(weights, dtype=torch.float64)
 
     def record(self, evaluations: int, residual: float) -> None:
         """Keep the solve's evaluations and residual for logging; warn the first time it does not converge (no root

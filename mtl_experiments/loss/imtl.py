@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 
 
 def imtl_g_weights(gram: Tensor) -> Tensor:
@@ -44,10 +44,8 @@ def imtl_g_weights(gram: Tensor) -> Tensor:
     return weights
 
 
-class IMTLG(GradientAggregation):
+class IMTLG(GramianAggregation):
     """``update = Σ_t α_t g_t`` with equal projections onto the unit task gradients and Σα = 1."""
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.detach().to(torch.float64)
-        weights = imtl_g_weights(g @ g.T)
-        return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
+    def weigh(self, gram: Tensor) -> Tensor:
+        return imtl_g_weights(gram)

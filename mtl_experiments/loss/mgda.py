@@ -12,34 +12,51 @@ point has J·d* = 0.1183 for every task).
 
 Variant chosen: the same min-norm point, solved exactly by Wolfe's minimum-norm-point algorithm (P. Wolfe,
 "Finding the nearest point in a polytope", Math. Programming 11, 1976), an active-set method that terminates
-after finitely many steps, in float64 on the gradients' coordinates in an orthonormal basis of their span (QR of
-Gᵀ, not the Gramian G Gᵀ, whose squared conditioning let the solve drift into conflict when gradient norms spread
-over six decades). It stops on the Frank-Wolfe duality gap
+after finitely many steps, in float64 on the gradients' coordinates in an orthonormal basis of their span, taken
+from the Gramian G Gᵀ (``loss.base.GramianAggregation``: no P-sized factorisation) after dividing out the norms, so
+that only the cosines are factored (the unscaled Gramian's squared conditioning let the solve drift into conflict
+when gradient norms spread over six decades). It stops on the Frank-Wolfe duality gap
 ``‖d‖² − min_t g_tᵀd ≤ epsilon·‖d‖²`` (plus float64 rounding of the products), which certifies
 g_tᵀd ≥ (1 − epsilon)‖d‖² for every task. Gradients are not normalised (the paper's method; the authors' code
 offers l2/loss normalisation as an extra). Iterations, convergence and a stall are logged (``weighting/*``).
+Each solve after the first starts from the previous step's weights (Wolfe's minor cycle on their support; a buffer,
+so a resumed run starts from the same point): issue 17's warm start, the same stopping rule and min-norm point.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 from mtl_experiments.loss.solver import SolverReport
+from mtl_experiments.tasks import Task
 
 EPS = torch.finfo(torch.float64).eps
 
 
-def coordinates(g: Tensor) -> Tensor:
-    """Rows ``L`` with ``L Lᵀ = G Gᵀ``: the task gradients in an orthonormal basis of their span (float64, CPU).
+def coordinates(gram: Tensor) -> Tensor:
+    """Rows ``L`` with ``L Lᵀ = K = G Gᵀ``: the task gradients in an orthonormal basis of their span (float64, CPU),
+    from the Gramian alone.
 
-    Householder QR of Gᵀ is column-wise backward stable, so each g_t keeps its own relative accuracy however far the
-    norms spread; the Gramian G Gᵀ would square the conditioning and bury a small gradient under a large one's
-    rounding (a weight of 6e-7 on a gradient of norm 673 must be exact to 1e-5 for the promise to hold).
+    The norms are taken out first, ``K = D C D`` with ``D = diag(‖g_t‖)`` and ``C`` the cosine matrix, and only C is
+    factored (``C = V Λ Vᵀ``, rows of ``V Λ^½`` rescaled to unit length): each g_t keeps its own norm exactly however
+    far the norms spread. (An unscaled factor of K buries a small gradient under a large one's rounding: a weight of
+    6e-7 on a gradient of norm 673 must be exact to 1e-5 for the promise to hold.) A zero gradient is a zero row.
     """
-    return torch.linalg.qr(g.T, mode="r").R.T.cpu()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    live = (norms > 0).nonzero().flatten()
+    points = torch.zeros_like(gram)
+    if live.numel() == 0:
+        return points
+    n = norms[live]
+    eigenvalues, vectors = torch.linalg.eigh(gram[live][:, live] / torch.outer(n, n))
+    rows = vectors * eigenvalues.clamp_min(0).sqrt()
+    points[live, : live.numel()] = n.unsqueeze(1) * rows / rows.norm(dim=1, keepdim=True)
+    return points
 
 
 def affine_minimum(points: Tensor, active: Tensor) -> Tensor:
@@ -59,15 +76,38 @@ def affine_minimum(points: Tensor, active: Tensor) -> Tensor:
     return v
 
 
-def min_norm_weights(points: Tensor, epsilon: float, max_iters: int) -> tuple[Tensor, int, bool]:
-    """``(w, iterations, converged)``: the min-norm point of the rows' convex hull, by Wolfe's algorithm (float64)."""
+def min_norm_weights(
+    points: Tensor, epsilon: float, max_iters: int, start: Tensor | None = None
+) -> tuple[Tensor, int, bool]:
+    """``(w, iterations, converged)``: the min-norm point of the rows' convex hull, by Wolfe's algorithm (float64).
+
+    ``start`` (a previous step's w, issue 17's warm start): Wolfe starts from the minor cycle on its support instead
+    of the shortest vertex; the same stopping rule, so the same point; if that run stalls, the cold start runs too.
+    """
     num_tasks = points.shape[0]
     norms = points.norm(dim=1)
     if float(norms.max()) == 0.0:  # every gradient is zero: any w gives d = 0
         return torch.full((num_tasks,), 1.0 / num_tasks, dtype=points.dtype), 0, True
     w = torch.zeros(num_tasks, dtype=points.dtype)
     w[norms.argmin()] = 1.0
-    active = w > 0
+    warm = start is not None and bool(torch.isfinite(start).all() and (start >= 0).all() and start.sum() > 0)
+    if warm and bool((norms[start > 0] > 0).all()):
+        w, active = minor_cycle(points, start / start.sum(), start > 0)
+        w, iterations, converged = wolfe(points, norms, w, active, epsilon, max_iters)
+        if converged:
+            return w, iterations, True
+        w = torch.zeros(num_tasks, dtype=points.dtype)
+        w[norms.argmin()] = 1.0
+        cold, more, converged = wolfe(points, norms, w, w > 0, epsilon, max_iters)
+        return cold, iterations + more, converged
+    return wolfe(points, norms, w, w > 0, epsilon, max_iters)
+
+
+def wolfe(
+    points: Tensor, norms: Tensor, w: Tensor, active: Tensor, epsilon: float, max_iters: int
+) -> tuple[Tensor, int, bool]:
+    """Wolfe's major cycles from ``w`` (in the simplex, support ``active``): ``(w, iterations, converged)``."""
+    num_tasks = points.shape[0]
     for iteration in range(1, max_iters + 1):
         d = w @ points
         products = points @ d
@@ -101,7 +141,7 @@ def minor_cycle(points: Tensor, w: Tensor, active: Tensor) -> tuple[Tensor, Tens
         w = w / w.sum()
 
 
-class MGDA(GradientAggregation):
+class MGDA(GramianAggregation):
     """``update = Σ_t w_t g_t``, the min-norm point of the gradients' convex hull (see the module docstring)."""
 
     def __init__(self, epsilon: float = 1e-8, max_iters: int = 100, grad_source: str = "params"):
@@ -111,12 +151,18 @@ class MGDA(GradientAggregation):
         self.max_iters = checks.positive_int("loss.max_iters", max_iters, hint="Wolfe's method needs a few per task")
         self.report = SolverReport("MGDA")
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        g = grads.detach().to(torch.float64)  # the promise is a sign: float32 rounding of A could flip it
-        weights, iterations, converged = min_norm_weights(coordinates(g), self.epsilon, self.max_iters)
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
+        # the last solve's weights (0: none yet): the next solve starts from them (a buffer: saved in checkpoints)
+        self.register_buffer("w", torch.zeros(self.num_tasks, dtype=torch.float64))
+
+    def weigh(self, gram: Tensor) -> Tensor:
+        # float64 (loss.base.gramian): the promise is a sign, float32 rounding of K could flip it
+        start = self.w.cpu() if self.w.shape == gram.shape[:1] and bool(self.w.any()) else None
+        weights, iterations, converged = min_norm_weights(coordinates(gram), self.epsilon, self.max_iters, start)
+        self.w = weights.to(self.w.device)
         self.report.record(iterations, converged)
-        weights = weights.to(g.device)
-        return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
+        return weights
 
     def log_values(self) -> dict[str, Tensor]:
         return self.report.log_values()

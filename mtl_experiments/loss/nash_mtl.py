@@ -29,7 +29,9 @@ Options as in the authors' code: ``update_weights_every`` (α is recomputed ever
 reused in between; default 1) and ``max_norm`` (if ‖Σ_t α_t g_t‖ exceeds it, α is scaled down so it
 does not; the authors clip the shared parameters' gradient norm to 1.0 by default; 0 disables). With
 ``grad_source=representation`` both α and the norm cap are computed on the representation gradients.
-The step counter and the last α are buffers, so a resumed run continues the schedule exactly.
+The step counter and the last α are buffers, so a resumed run continues the schedule exactly. Each solve after the
+first starts Newton from the last α (γ_t = α_t·‖g_t‖ in this step's scale; a warm start, issue 17): the solution is
+the same (the equations have one positive root and the stopping rule is unchanged), found in fewer iterations.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 from mtl_experiments.loss.solver import SolverReport
 from mtl_experiments.tasks import Task
 
@@ -56,7 +58,7 @@ def nash_weights(gram: Tensor) -> Tensor:
     return solve_nash(gram)[0]
 
 
-def solve_nash(gram: Tensor) -> tuple[Tensor, int, bool, bool]:
+def solve_nash(gram: Tensor, start: Tensor | None = None) -> tuple[Tensor, int, bool, bool]:
     """``(α, iterations, converged, stationary)``: α ≥ 0 with ``(gram @ α)_t = 1/α_t`` for every task with a
     non-zero gradient (float64).
 
@@ -66,6 +68,8 @@ def solve_nash(gram: Tensor) -> tuple[Tensor, int, bool, bool]:
     ``stationary``: the equations without the ridge have no positive solution (0 lies in the convex hull of the
     gradients: a Pareto-stationary point, which the paper excludes); α = 0 then, the update that was applied
     (the ridge's α ~ 1e5 cancelled to an update of 0 but was logged as the weights: issue 14).
+    ``start``: a previous α (warm start, issue 17): Newton starts from γ = α_t·‖g_t‖ where that is positive for every
+    task with a non-zero gradient (the same equations and stopping rule, so the same solution to ``TOL``).
     """
     gram = gram.double()
     sq_norms = gram.diagonal()
@@ -76,16 +80,20 @@ def solve_nash(gram: Tensor) -> tuple[Tensor, int, bool, bool]:
     norms = sq_norms[live].sqrt()
     n = norms.shape[0]
     cos = gram[live][:, live] / torch.outer(norms, norms)
-    gamma, iterations, converged = newton(cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device))
+    gamma0 = None if start is None else start.to(gram)[live] * norms
+    if gamma0 is not None and not bool((torch.isfinite(gamma0) & (gamma0 > 0)).all()):
+        gamma0 = None  # a task that had no gradient, or the stationary fallback's α = 0: start cold
+    gamma, iterations, converged = newton(cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device), gamma0)
     if (gamma * (cos @ gamma) - 1).abs().max() > STATIONARY:  # only the ridge made a solution exist
         return alpha, iterations, converged, True
     alpha[live] = gamma / norms
     return alpha, iterations, converged, False
 
 
-def newton(cos: Tensor) -> tuple[Tensor, int, bool]:
-    """``(γ, iterations, converged)``: γ > 0 with γ ⊙ (Cγ) = 1, by damped Newton on ½γᵀCγ − Σ log γ."""
-    gamma = torch.ones(cos.shape[0], dtype=torch.float64, device=cos.device)  # exact for orthogonal gradients
+def newton(cos: Tensor, start: Tensor | None = None) -> tuple[Tensor, int, bool]:
+    """``(γ, iterations, converged)``: γ > 0 with γ ⊙ (Cγ) = 1, by damped Newton on ½γᵀCγ − Σ log γ from ``start``
+    (default 1: exact for orthogonal gradients; damped Newton converges from any γ > 0)."""
+    gamma = torch.ones(cos.shape[0], dtype=torch.float64, device=cos.device) if start is None else start.clone()
     for iteration in range(MAX_ITER):
         c_gamma = cos @ gamma
         if (gamma * c_gamma - 1).abs().max() < TOL:
@@ -102,7 +110,7 @@ def newton(cos: Tensor) -> tuple[Tensor, int, bool]:
     return gamma, MAX_ITER, False
 
 
-class NashMTL(GradientAggregation):
+class NashMTL(GramianAggregation):
     """``update = Σ_t α_t g_t`` with ``GGᵀα = 1/α`` (see the module docstring)."""
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, grad_source: str = "params"):
@@ -117,22 +125,22 @@ class NashMTL(GradientAggregation):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+    def weigh(self, gram: Tensor) -> Tensor:
         if int(self.step) % self.update_weights_every == 0:
-            alpha, iterations, converged, stationary = solve_nash((grads @ grads.T).detach())
+            # warm start from the last solve's α (a buffer: a resumed run starts from the same point)
+            alpha, iterations, converged, stationary = solve_nash(gram, self.alpha if int(self.step) > 0 else None)
             self.alpha.copy_(alpha.to(self.alpha.device))
             fallback = (
                 "0 lies in the convex hull of the task gradients (Pareto-stationary): update 0" if stationary else None
             )
             self.report.record(iterations, converged, fallback)
         self.step += 1
-        alpha = self.alpha.to(device=grads.device, dtype=grads.dtype)
-        update = alpha @ grads
+        alpha = self.alpha.detach().to(device=gram.device, dtype=torch.float64).clone()
         if self.max_norm > 0:
-            norm = float(update.norm())
+            norm = math.sqrt(max(float(alpha @ gram @ alpha), 0.0))  # ‖Σ_t α_t g_t‖, from the Gramian
             if math.isfinite(norm) and norm > self.max_norm:
-                alpha, update = alpha * (self.max_norm / norm), update * (self.max_norm / norm)
-        return update, alpha
+                alpha = alpha * (self.max_norm / norm)
+        return alpha
 
     def log_values(self) -> dict[str, Tensor]:
         return self.report.log_values()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mtl_experiments import checks
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
 from mtl_experiments.tasks import Task
 
 
@@ -44,7 +44,7 @@ def project_onto_simplex(v: Tensor) -> Tensor:
     return (v - cumulative[rho] / (rho + 1)).clamp_min(0)
 
 
-class SDMGrad(GradientAggregation):
+class SDMGrad(GramianAggregation):
     """``update = T·(Gᵀw* + λ g_0)/(1 + λ)`` (see the module docstring)."""
 
     def __init__(
@@ -79,12 +79,10 @@ class SDMGrad(GradientAggregation):
         self.w.copy_(w)
         return w
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        T = grads.shape[0]
-        g = grads.detach().to(torch.float64)
-        w = self.solve((g @ g.T).cpu()).to(g.device)
-        weights = T * (w + self.lamda / T) / (1 + self.lamda)
-        return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
+    def weigh(self, gram: Tensor) -> Tensor:
+        T = gram.shape[0]
+        w = self.solve(gram)
+        return T * (w + self.lamda / T) / (1 + self.lamda)
 
     def log_values(self) -> dict[str, Tensor]:
         """The dual weights w* on the simplex, as ``sdmgrad/w/<task>``."""

@@ -4,7 +4,9 @@ Optimization", 2024; PyPI ``torchjd``, pinned ``>=0.18,<0.19``). The only file t
 We do not use TorchJD's ``backward``/``mtl_backward``: they bypass Lightning's ``manual_backward``
 (precision and strategy hooks) and do no DDP gradient sync. Instead our step computes the Jacobian
 ``G[T, P]`` once (``grads.py``) and the aggregator is called on it as a pure function. Aggregators
-that weight the rows of G (``WeightedAggregator``) report those weights; for the others (PCGrad,
+that weight the rows of G (``WeightedAggregator``) report those weights; those whose weights depend on G only
+through its Gramian (``GramianWeightedAggregator``: Aligned-MTL, ...) get ``K = G Gᵀ`` and the update ``wᵀG`` from
+``loss.base`` (float64 over column blocks, no float64 copy of G); for the others (PCGrad,
 GradDrop, ...) the logged weights are the least-squares effective weights of the update.
 Every aggregator runs in float64 (the Gramian is T×T; the Jacobian is cast once) and its result is cast
 back to the gradients' dtype: TorchJD's numerical cut-offs are relative to the input dtype's machine
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchjd.aggregation import Aggregator, WeightedAggregator
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.loss.base import GradientAggregation, effective_weights
+from mtl_experiments.loss.base import GradientAggregation, combine, effective_weights, gramian
 
 
 class TorchJD(GradientAggregation):
@@ -55,6 +57,9 @@ class TorchJD(GradientAggregation):
                     torch.cuda.manual_seed(seed)
             # in float64: TorchJD's cut-offs use the Jacobian's machine epsilon (Aligned-MTL's rank cut-off at
             # T·eps·λ_max drops a float32 component once two norms differ by ~1e3: issue 14)
+            if isinstance(self.aggregator, GramianWeightedAggregator):  # weights from the T×T Gramian alone
+                weights = self.aggregator.gramian_weighting(gramian(grads).cpu())
+                return combine(weights, grads), weights.to(device=grads.device, dtype=grads.dtype)
             g = grads.detach().to(torch.float64)
             if isinstance(self.aggregator, WeightedAggregator):
                 weights = self.aggregator.weighting(g)

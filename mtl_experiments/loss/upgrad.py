@@ -25,14 +25,21 @@ projection for the unit gradient ĝ_i (π_C is positively homogeneous and C does
 rescaled). Each T×T problem is solved in float64 by Lawson–Hanson's active-set method, which terminates
 with the exact KKT point (K_FF y_F = −K_FA e_A on the free set F, multipliers Ky ≥ 0 on the bound set A).
 A task whose gradient is exactly zero constrains nothing; its weight is its lower bound 1/T.
+Each projection's active-set walk starts from the previous step's final free set (a warm start, issue 17: the same
+KKT point, one linear solve when the free set has not changed; the free sets are a buffer, so a resumed run starts
+where it stopped). The linear solves and convergence are logged as ``weighting/iterations`` and ``weighting/converged``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-from mtl_experiments.loss.base import GradientAggregation
+from mtl_experiments.loss.base import GramianAggregation
+from mtl_experiments.loss.solver import SolverReport
+from mtl_experiments.tasks import Task
 
 # KKT tolerance on the multipliers Ky (cosine units, |K_ij| ≤ 1): a bound is released only if its
 # multiplier is below -_TOL, so rounding noise cannot make the active set cycle.
@@ -40,64 +47,102 @@ _TOL = 1e-13
 _MAX_STEPS_PER_TASK = 50  # Lawson–Hanson needs at most a few steps per task; a safety cap
 
 
-def _min_over_bounds(cos: Tensor, lower: Tensor) -> Tensor:
-    """``argmin_{y ≥ lower} yᵀ K y`` for a PSD ``K`` (float64, CPU), by Lawson–Hanson's active-set method.
+def _min_over_bounds(cos: Tensor, lower: Tensor, free: Tensor | None = None) -> tuple[Tensor, Tensor, int, bool]:
+    """``(y, free, solves, converged)``: ``y = argmin_{y ≥ lower} yᵀ K y`` for a PSD ``K`` (float64, CPU), by
+    Lawson–Hanson's active-set method, its final free set, the linear solves it took and whether it met the KKT
+    conditions within its step cap.
 
-    ``y`` stays feasible throughout; ``free`` marks the coordinates above their bound.
+    ``y`` stays feasible throughout; ``free`` marks the coordinates above their bound. A ``free`` given (the last
+    step's, issue 17's warm start) is where the active-set walk starts from ``y = lower`` unless ``lower`` is optimal
+    itself: the same KKT point is reached (the same stopping rule), in one solve when the free set has not changed.
     """
     n = lower.shape[0]
     y = lower.clone()
-    free = torch.zeros(n, dtype=torch.bool)
+    if free is None or bool((cos @ y >= -_TOL).all()):  # y = lower is optimal already (no conflict): no solve
+        free = torch.zeros(n, dtype=torch.bool)
+    free = free.clone()
+    solves = 0
     for _ in range(_MAX_STEPS_PER_TASK * n):
+        y, free, walked = _walk(cos, lower, y, free)
+        solves += walked
         multipliers = cos @ y  # gradient of ½yᵀKy: the KKT multipliers of the bounds y ≥ lower
         release = ~free & (multipliers < -_TOL)
-        if not release.any():
-            break  # optimal: every bound still held has a non-negative multiplier
+        if not release.any():  # optimal: every bound still held has a non-negative multiplier
+            return y, free, solves, True
         free[torch.where(release, multipliers, torch.inf).argmin()] = True
-        while free.any():
-            # minimiser over the free coordinates, the bound ones held at their bounds
-            target = y.clone()
-            rhs = -(cos[free][:, ~free] @ lower[~free])
-            target[free] = torch.linalg.lstsq(cos[free][:, free], rhs.unsqueeze(-1)).solution.squeeze(-1)
-            if bool((target[free] > lower[free]).all()):
-                y = target
-                break
-            # walk towards it until the first free coordinate reaches its bound; that one becomes bound
-            hits = (free & (target <= lower)).nonzero().flatten()
-            gap, drop = y[hits] - lower[hits], y[hits] - target[hits]  # drop ≥ gap ≥ 0
-            ratios = torch.where(drop > 0, gap / drop.clamp_min(1e-300), torch.zeros_like(gap))
-            y = y + ratios.min() * (target - y)
-            free[hits[ratios.argmin()]] = False
-            free &= y > lower
-            y[~free] = lower[~free]
-    return y
+    return y, free, solves, False
 
 
-def upgrad_weights(gram: Tensor) -> Tensor:
-    """UPGrad's weights ``(1/T) Σ_i argmin_{λ ≥ e_i} λᵀGλ`` from the Gramian ``G = J Jᵀ`` (float64, CPU)."""
+def _walk(cos: Tensor, lower: Tensor, y: Tensor, free: Tensor) -> tuple[Tensor, Tensor, int]:
+    """From a feasible ``y`` to the minimiser over the free coordinates (the bound ones held at their bounds),
+    binding the free coordinates that reach their bound on the way; ``(y, free, solves)``."""
+    solves = 0
+    while free.any():
+        solves += 1
+        target = y.clone()
+        rhs = -(cos[free][:, ~free] @ lower[~free])
+        target[free] = torch.linalg.lstsq(cos[free][:, free], rhs.unsqueeze(-1)).solution.squeeze(-1)
+        if bool((target[free] > lower[free]).all()):
+            return target, free, solves
+        # walk towards it until the first free coordinate reaches its bound; that one becomes bound
+        hits = (free & (target <= lower)).nonzero().flatten()
+        gap, drop = y[hits] - lower[hits], y[hits] - target[hits]  # drop ≥ gap ≥ 0
+        ratios = torch.where(drop > 0, gap / drop.clamp_min(1e-300), torch.zeros_like(gap))
+        y = y + ratios.min() * (target - y)
+        free[hits[ratios.argmin()]] = False
+        free &= y > lower
+        y[~free] = lower[~free]
+    return y, free, solves
+
+
+def upgrad_weights(gram: Tensor, free_sets: Tensor | None = None) -> tuple[Tensor, int, bool]:
+    """``(weights, solves, converged)``: UPGrad's weights ``(1/T) Σ_i argmin_{λ ≥ e_i} λᵀGλ`` from the Gramian
+    ``G = J Jᵀ`` (float64, CPU), the linear solves they took and whether every projection converged.
+    ``free_sets`` (bool ``[T, T]``, row i: the free set of task i's projection), when given, is where each projection
+    starts and is overwritten with where it ended."""
     num_tasks = gram.shape[0]
     norms = gram.diagonal().clamp_min(0).sqrt()
     nonzero = norms > 0
     weights = torch.where(nonzero, 0.0, 1.0 / num_tasks).to(gram.dtype)
     idx = nonzero.nonzero().flatten()
     if idx.numel() == 0:
-        return weights
+        return weights, 0, True
     n = norms[idx]
     cos = gram[idx][:, idx] / torch.outer(n, n)
     eye = torch.eye(idx.numel(), dtype=gram.dtype)
+    solves, converged = 0, True
     for k in range(idx.numel()):
-        y = _min_over_bounds(cos, eye[k])  # projection of the unit gradient ĝ_k, in cosine coordinates
+        start = None if free_sets is None else free_sets[idx[k], idx]
+        y, free, walked, done = _min_over_bounds(cos, eye[k], start)  # projection of ĝ_k, in cosine coordinates
+        solves, converged = solves + walked, converged and done
         weights[idx] += (n[k] / num_tasks) * y / n  # back to λ for g_k/T
-    return weights
+        if free_sets is not None:
+            free_sets[idx[k]] = False
+            free_sets[idx[k], idx] = free
+    return weights, solves, converged
 
 
-class UPGrad(GradientAggregation):
+class UPGrad(GramianAggregation):
     """``update = (1/T) Σ_i π_C(g_i)``; ⟨update, g_t⟩ ≥ 0 for every task (see the module docstring)."""
 
-    def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        # float64 throughout: the guarantee is a sign, and with norm ratios of 1e3 float32 rounding of
-        # the weights alone moves ⟨update, g_t⟩ by ~1% of its value
-        g = grads.detach().to(torch.float64)
-        gram = (g @ g.T).cpu()  # T×T: solving it on the CPU costs one small transfer
-        weights = upgrad_weights(gram).to(g.device)
-        return (weights @ g).to(grads.dtype), weights.to(grads.dtype)
+    def __init__(self, grad_source: str = "params"):
+        super().__init__(grad_source=grad_source)
+        self.report = SolverReport("UPGrad")
+
+    def setup(self, tasks: Mapping[str, Task], model=None) -> None:
+        super().setup(tasks, model)
+        # each projection's last free set: the next step's starts from it (a buffer: saved in checkpoints)
+        self.register_buffer("free_sets", torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.bool))
+
+    def weigh(self, gram: Tensor) -> Tensor:
+        # float64 throughout (K and the update's sum, loss.base.gramian/combine): the guarantee is a sign, and with
+        # norm ratios of 1e3 float32 rounding of the weights alone moves ⟨update, g_t⟩ by ~1% of its value
+        fits = self.free_sets.shape == gram.shape
+        free_sets = self.free_sets.cpu() if fits else torch.zeros(gram.shape, dtype=torch.bool)
+        weights, solves, converged = upgrad_weights(gram, free_sets)
+        self.free_sets = free_sets.to(self.free_sets.device)
+        self.report.record(solves, converged)
+        return weights
+
+    def log_values(self) -> dict[str, Tensor]:
+        return self.report.log_values()
