@@ -9,8 +9,9 @@ What is checked where:
   key the YAML files of these groups define, by name (``GROUPS``, ``TOP``): type and range.
 - ``data``, ``backbone``, ``loss`` (one Python class per option, each checking its own values in its constructor
   with the same ``checks``): the keys every option shares a meaning for (``SHARED``, e.g. ``batch_size``,
-  ``*_dims``, ``dropout``, ``loss.weights``), and no key the chosen option's YAML lacks (``+data.split`` on a
-  dataset without split modes would reach the constructor as an unexpected argument).
+  ``*_dims``, ``dropout``, ``loss.weights``), each option's own keys (``schema_options.OPTIONS``, e.g.
+  ``loss.temperature`` of loss=dwa; a test enrols every key of every option), and no key the chosen option's YAML
+  lacks (``+data.split`` on a dataset without split modes would reach the constructor as an unexpected argument).
 - Between groups: ``trainer.min_epochs <= trainer.max_epochs``; a retrieval task needs a dataset with items; a
   cold/temporal split needs the ids or timestamps it holds out.
 
@@ -24,7 +25,7 @@ import fnmatch
 import functools
 import importlib.util
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,56 +33,28 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from mtl_experiments import checks
-from mtl_experiments.data.splits import COLD_KEY
+from mtl_experiments.data.splits import COLD_KEY, SPLIT_MODES
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.schema_options import OPTIONS
+from mtl_experiments.schema_rules import (
+    COUNT,
+    MAYBE_TEXT,
+    POSITIVE,
+    TEXT,
+    Check,
+    any_of,
+    checks_ok,
+    is_fraction,
+    is_int,
+    nullable,
+    number_or_mapping,
+    one_of,
+    rule,
+    texts,
+)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-Check = Callable[[str, Any], Any]
 SKIP = object()  # a value that cannot be resolved yet (e.g. ${hydra:...} outside a Hydra job): not judged here
-
-
-def rule(check: Callable[..., Any], **kwargs: Any) -> Check:
-    """``check(key, value, **kwargs)`` as a one-argument-pair rule."""
-    return lambda key, value: check(key, value, **kwargs)
-
-
-def nullable(check: Check) -> Check:
-    """``null`` passes; anything else goes through ``check``."""
-    return lambda key, value: None if value is None else check(key, value)
-
-
-def one_of(*options: Any, hint: str | None = None) -> Check:
-    return rule(checks.choice, options=list(options), hint=hint)
-
-
-def any_of(what: str, hint: str | None, *tests: Callable[[Any], bool]) -> Check:
-    """Passes when one of ``tests`` holds (for settings that take, e.g., a number or a name)."""
-
-    def check(key: str, value: Any) -> Any:
-        if not any(test(value) for test in tests):
-            checks.fail(key, what, value, hint)
-        return value
-
-    return check
-
-
-def is_int(value: Any, low: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= low
-
-
-def is_fraction(value: Any) -> bool:
-    return isinstance(value, float) and 0.0 <= value <= 1.0
-
-
-def number_or_mapping(check: Check) -> Check:
-    """A number, or ``{name: number}`` with each value checked (``data.correlation`` of several signals)."""
-
-    def both(key: str, value: Any) -> Any:
-        if isinstance(value, Mapping | DictConfig):
-            return {k: check(f"{key}.{k}", v) for k, v in checks.mapping(key, value).items()}
-        return check(key, value)
-
-    return both
 
 
 EPOCHS_HINT = "a number of epochs, e.g. trainer.max_epochs=20; -1: until early stopping"
@@ -231,14 +204,6 @@ GROUPS: dict[str, dict[str, Check]] = {
 }
 
 
-def checks_ok(check: Check, value: Any) -> bool:
-    try:
-        check("", value)
-    except ConfigError:
-        return False
-    return True
-
-
 def task_kinds() -> list[str]:
     """The task kinds: the files of ``mtl_experiments/tasks/`` (found without importing the package: torch)."""
     spec = importlib.util.find_spec("mtl_experiments.tasks")
@@ -280,6 +245,14 @@ SHARED: dict[str, list[tuple[str, Check]]] = {
         ("tasks", check_tasks),
         ("cache", rule(checks.boolean)),
         ("download", rule(checks.boolean)),
+        ("root", TEXT),
+        ("cache_dir", MAYBE_TEXT),
+        ("*path", MAYBE_TEXT),
+        ("split", one_of(*SPLIT_MODES, hint="random, or a cold-start or temporal split")),
+        ("categorical", texts),
+        ("numeric", texts),
+        ("id_columns", nullable(rule(checks.mapping))),
+        ("timestamp_column", MAYBE_TEXT),
     ],
     "backbone": [
         ("num_*", rule(checks.positive_int)),
@@ -292,6 +265,10 @@ SHARED: dict[str, list[tuple[str, Check]]] = {
     "loss": [
         ("weights", nullable(check_weights)),
         ("*lr", rule(checks.positive_number)),
+        ("grad_source", one_of("params", "representation")),
+        ("eps", POSITIVE),
+        ("max_iters", COUNT),
+        ("seed", nullable(rule(checks.integer, low=0, high=2**32 - 1, hint="null: the run's seed"))),
     ],
 }
 
@@ -315,11 +292,17 @@ def check_node(node: DictConfig, prefix: str, rules: Mapping[str, Check]) -> Non
             check(f"{prefix}.{key}", value)
 
 
-def check_shared(node: DictConfig, group: str) -> None:
+def key_rule(group: str, option: Any, key: str) -> Check | None:
+    """The rule of ``<group>.<key>``: the chosen option's own (``OPTIONS``), else the first ``SHARED`` pattern."""
+    own = OPTIONS.get(group, {}).get(str(option), {}).get(key)
+    return own or next((c for pattern, c in SHARED[group] if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def check_shared(node: DictConfig, group: str, option: Any = None) -> None:
     for key in node:
         if str(key).startswith("_"):
             continue
-        check = next((c for pattern, c in SHARED[group] if fnmatch.fnmatchcase(str(key), pattern)), None)
+        check = key_rule(group, option, str(key))
         value = value_at(node, str(key)) if check is not None else SKIP
         if value is not SKIP:
             check(f"{group}.{key}", value)
@@ -452,7 +435,7 @@ def validate(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
     check_known_keys(cfg, choices)
     for group in SHARED:
         if isinstance(cfg.get(group), DictConfig):
-            check_shared(cfg[group], group)
+            check_shared(cfg[group], group, choices.get(group))
     check_epochs(cfg)
     check_dataset_offers(cfg, choices)
     check_task_keys(cfg)

@@ -93,6 +93,19 @@ BAD_INPUTS = [
     (["data=census_income", "+data.tasks.n={kind: retrieval}"], ["needs item ids, which data=census_income"]),
     (["loss=fixed", "loss.weights={y1: 1, clicks: 2}"], ["loss.weights names unknown task(s) ['clicks']", "{y1:1.0"]),
     (["loss=graddrop", "loss.leak={y3: 0.5}"], ["loss.leak names unknown task(s) ['y3']; the tasks are ['y1', 'y2']"]),
+    # option-specific keys (schema_options.OPTIONS), caught before torch is imported
+    (["loss=dwa", "loss.temperature=-1"], ["loss.temperature must be a finite number > 0, got -1", "uses 2"]),
+    (["loss=cagrad", "loss.rescale=3"], ["loss.rescale must be one of [0, 1, 2], got 3"]),
+    (["loss=pcgrad", "loss.grad_source=inputs"], ["loss.grad_source must be one of ['params', 'representation']"]),
+    (["loss=rlw", "loss.seed=-2"], ["loss.seed must be an integer in [0, 4294967295], got -2", "the run's seed"]),
+    (["loss=graddrop", "loss.leak={y1: 1.5}"], ["loss.leak.y1 must be a number in [0, 1], got 1.5"]),
+    (["backbone=cross_stitch", "backbone.alpha_self=2"], ["backbone.alpha_self must be a number in [0, 1], got 2"]),
+    (["data=recsys_synthetic", "data.click_rate=1.0"], ["data.click_rate must be a number in (0, 1), got 1.0"]),
+    (["data=kuairand", "data.logs=weekly"], ["data.logs must be 'standard', 'random', 'all' or a list", "'weekly'"]),
+    (["data=movielens", "data.split=by_time"], ["data.split must be one of ['random', 'cold_user',", "temporal"]),
+    (["data=stream", "data.split=by_day"], ["data.split must be one of", "'shards'", "data.val_shards"]),
+    (["data=tabular", "data.numeric=age"], ["data.numeric must be a list of names, got 'age'", "[age, city]"]),
+    (["data.scale=0"], ["data.scale must be a finite number > 0, got 0"]),
 ]
 
 
@@ -139,6 +152,16 @@ def test_every_key_of_the_typed_groups_has_a_rule(group):
         keys += [f"{k}.{sub}" for k in keys if isinstance(node[k], dict) for sub in node[k]]
         missing = [k for k in keys if k not in rules]
         assert not missing, f"conf/{group}/{path.name}: no rule in schema.{group.upper()} for {missing}"
+
+
+@pytest.mark.parametrize("group", ["data", "backbone", "loss"])
+def test_every_key_of_every_option_has_a_rule(group):
+    """Each key of each ``conf/<group>/*.yaml`` is judged before torch is imported: its option's own rule
+    (``schema_options.OPTIONS``) or one every option of the group shares (``schema.SHARED``)."""
+    for option in options(group):
+        keys = [str(k) for k in option_node(group, option) if not str(k).startswith("_")]
+        missing = [k for k in keys if schema.key_rule(group, option, k) is None]
+        assert not missing, f"conf/{group}/{option}.yaml: no rule in schema_options or SHARED for {missing}"
 
 
 @pytest.mark.parametrize("data", options("data"))
