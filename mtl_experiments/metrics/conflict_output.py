@@ -21,8 +21,8 @@ Computed from the outputs alone (each task's loss re-evaluated on its detached o
 with respect to them): no backward through the model. Defined for tasks with one output per sample (binary,
 regression); a pair with a multiclass or retrieval task (an output vector per sample, a different output space)
 has no value and is skipped. A pair with no row labelled for both tasks in a batch gets 0 there (the conflict
-metrics' zero-vector convention). Under DDP each process uses its own batch; the run mean then averages the
-processes' per-step values (the metric's sum/count states are reduced by summation).
+metrics' zero-vector convention). Under DDP each process computes it from its own share of the global batch and
+the summary logged is rank 0's (the estimate over 1/world of the rows: the other ranks' values are not gathered).
 """
 
 from __future__ import annotations
