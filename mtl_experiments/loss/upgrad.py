@@ -34,7 +34,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from scipy.linalg import lstsq
 from torch import Tensor
 
 from mtl_experiments.loss.base import GramianAggregation
@@ -47,8 +49,10 @@ _TOL = 1e-13
 _MAX_STEPS_PER_TASK = 50  # Lawson–Hanson needs at most a few steps per task; a safety cap
 
 
-def _min_over_bounds(cos: Tensor, lower: Tensor, free: Tensor | None = None) -> tuple[Tensor, Tensor, int, bool]:
-    """``(y, free, solves, converged)``: ``y = argmin_{y ≥ lower} yᵀ K y`` for a PSD ``K`` (float64, CPU), by
+def _min_over_bounds(
+    cos: np.ndarray, lower: np.ndarray, free: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """``(y, free, solves, converged)``: ``y = argmin_{y ≥ lower} yᵀ K y`` for a PSD ``K`` (float64), by
     Lawson–Hanson's active-set method, its final free set, the linear solves it took and whether it met the KKT
     conditions within its step cap.
 
@@ -57,10 +61,10 @@ def _min_over_bounds(cos: Tensor, lower: Tensor, free: Tensor | None = None) -> 
     itself: the same KKT point is reached (the same stopping rule), in one solve when the free set has not changed.
     """
     n = lower.shape[0]
-    y = lower.clone()
-    if free is None or bool((cos @ y >= -_TOL).all()):  # y = lower is optimal already (no conflict): no solve
-        free = torch.zeros(n, dtype=torch.bool)
-    free = free.clone()
+    y = lower.copy()
+    if free is None or (cos @ y >= -_TOL).all():  # y = lower is optimal already (no conflict): no solve
+        free = np.zeros(n, dtype=bool)
+    free = free.copy()
     solves = 0
     for _ in range(_MAX_STEPS_PER_TASK * n):
         y, free, walked = _walk(cos, lower, y, free)
@@ -69,49 +73,51 @@ def _min_over_bounds(cos: Tensor, lower: Tensor, free: Tensor | None = None) -> 
         release = ~free & (multipliers < -_TOL)
         if not release.any():  # optimal: every bound still held has a non-negative multiplier
             return y, free, solves, True
-        free[torch.where(release, multipliers, torch.inf).argmin()] = True
+        free[np.argmin(np.where(release, multipliers, np.inf))] = True
     return y, free, solves, False
 
 
-def _walk(cos: Tensor, lower: Tensor, y: Tensor, free: Tensor) -> tuple[Tensor, Tensor, int]:
+def _walk(cos: np.ndarray, lower: np.ndarray, y: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """From a feasible ``y`` to the minimiser over the free coordinates (the bound ones held at their bounds),
     binding the free coordinates that reach their bound on the way; ``(y, free, solves)``."""
     solves = 0
     while free.any():
         solves += 1
-        target = y.clone()
-        rhs = -(cos[free][:, ~free] @ lower[~free])
-        target[free] = torch.linalg.lstsq(cos[free][:, free], rhs.unsqueeze(-1)).solution.squeeze(-1)
-        if bool((target[free] > lower[free]).all()):
+        target = y.copy()
+        rhs = -(cos[np.ix_(free, ~free)] @ lower[~free])
+        # LAPACK's gelsy, torch's CPU default: the same basic solution where the free block is singular
+        target[free] = lstsq(cos[np.ix_(free, free)], rhs, lapack_driver="gelsy", check_finite=False)[0]
+        if (target[free] > lower[free]).all():
             return target, free, solves
         # walk towards it until the first free coordinate reaches its bound; that one becomes bound
-        hits = (free & (target <= lower)).nonzero().flatten()
+        hits = np.flatnonzero(free & (target <= lower))
         gap, drop = y[hits] - lower[hits], y[hits] - target[hits]  # drop ≥ gap ≥ 0
-        ratios = torch.where(drop > 0, gap / drop.clamp_min(1e-300), torch.zeros_like(gap))
+        ratios = np.where(drop > 0, gap / np.maximum(drop, 1e-300), 0.0)
         y = y + ratios.min() * (target - y)
-        free[hits[ratios.argmin()]] = False
+        free[hits[np.argmin(ratios)]] = False
         free &= y > lower
         y[~free] = lower[~free]
     return y, free, solves
 
 
-def upgrad_weights(gram: Tensor, free_sets: Tensor | None = None) -> tuple[Tensor, int, bool]:
+def upgrad_weights(gram: np.ndarray, free_sets: np.ndarray | None = None) -> tuple[np.ndarray, int, bool]:
     """``(weights, solves, converged)``: UPGrad's weights ``(1/T) Σ_i argmin_{λ ≥ e_i} λᵀGλ`` from the Gramian
-    ``G = J Jᵀ`` (float64, CPU), the linear solves they took and whether every projection converged.
+    ``G = J Jᵀ`` (float64), the linear solves they took and whether every projection converged.
     ``free_sets`` (bool ``[T, T]``, row i: the free set of task i's projection), when given, is where each projection
-    starts and is overwritten with where it ended."""
+    starts and is overwritten with where it ended. In NumPy: a few µs per operation on these T×T arrays, where torch's
+    small-tensor calls cost ~0.5 ms per solve."""
     num_tasks = gram.shape[0]
-    norms = gram.diagonal().clamp_min(0).sqrt()
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     nonzero = norms > 0
-    weights = torch.where(nonzero, 0.0, 1.0 / num_tasks).to(gram.dtype)
-    idx = nonzero.nonzero().flatten()
-    if idx.numel() == 0:
+    weights = np.where(nonzero, 0.0, 1.0 / num_tasks)
+    idx = np.flatnonzero(nonzero)
+    if idx.size == 0:
         return weights, 0, True
     n = norms[idx]
-    cos = gram[idx][:, idx] / torch.outer(n, n)
-    eye = torch.eye(idx.numel(), dtype=gram.dtype)
+    cos = gram[np.ix_(idx, idx)] / np.outer(n, n)
+    eye = np.eye(idx.size)
     solves, converged = 0, True
-    for k in range(idx.numel()):
+    for k in range(idx.size):
         start = None if free_sets is None else free_sets[idx[k], idx]
         y, free, walked, done = _min_over_bounds(cos, eye[k], start)  # projection of ĝ_k, in cosine coordinates
         solves, converged = solves + walked, converged and done
@@ -138,11 +144,11 @@ class UPGrad(GramianAggregation):
         # float64 throughout (K and the update's sum, loss.base.gramian/combine): the guarantee is a sign, and with
         # norm ratios of 1e3 float32 rounding of the weights alone moves ⟨update, g_t⟩ by ~1% of its value
         fits = self.free_sets.shape == gram.shape
-        free_sets = self.free_sets.cpu() if fits else torch.zeros(gram.shape, dtype=torch.bool)
-        weights, solves, converged = upgrad_weights(gram, free_sets)
-        self.free_sets = free_sets.to(self.free_sets.device)
+        free_sets = self.free_sets.cpu().numpy().copy() if fits else np.zeros(gram.shape, dtype=bool)
+        weights, solves, converged = upgrad_weights(gram.numpy(), free_sets)
+        self.free_sets = torch.from_numpy(free_sets).to(self.free_sets.device)
         self.report.record(solves, converged)
-        return weights
+        return torch.from_numpy(weights)
 
     def log_values(self) -> dict[str, Tensor]:
         return self.report.log_values()

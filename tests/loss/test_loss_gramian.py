@@ -70,13 +70,13 @@ def test_mgda_coordinates_from_the_gramian_are_the_qr_ones(dtype):
     for seed in range(100):
         g64 = random_jacobian(seed, dtype, columns=3 + seed % 5).double()
         gram = g64 @ g64.T
-        points = coordinates(gram)
+        points = torch.from_numpy(coordinates(gram.numpy()))
         scale = torch.outer(g64.norm(dim=1), g64.norm(dim=1))
         assert ((points @ points.T - gram).abs() <= 1e-12 * scale).all(), seed
         assert torch.allclose(points.norm(dim=1), g64.norm(dim=1), rtol=1e-14)
-        w_new, _, converged = min_norm_weights(points, 1e-8, 100)
-        w_old, _, _ = min_norm_weights(torch.linalg.qr(g64.T, mode="r").R.T, 1e-8, 100)
-        d_new, d_old = w_new @ g64, w_old @ g64
+        w_new, _, converged = min_norm_weights(points.numpy(), 1e-8, 100)
+        w_old, _, _ = min_norm_weights(torch.linalg.qr(g64.T, mode="r").R.T.numpy(), 1e-8, 100)
+        d_new, d_old = torch.from_numpy(w_new) @ g64, torch.from_numpy(w_old) @ g64
         assert converged and float((d_new - d_old).norm()) <= 1e-6 * max(float(d_old.norm()), 1e-9 * float(scale.max()))
 
 
