@@ -30,8 +30,9 @@ reused in between; default 1) and ``max_norm`` (if ‖Σ_t α_t g_t‖ exceeds i
 does not; the authors clip the shared parameters' gradient norm to 1.0 by default; 0 disables). With
 ``grad_source=representation`` both α and the norm cap are computed on the representation gradients.
 The step counter and the last α are buffers, so a resumed run continues the schedule exactly. Each solve after the
-first starts Newton from the last α (γ_t = α_t·‖g_t‖ in this step's scale; a warm start, issue 17): the solution is
-the same (the equations have one positive root and the stopping rule is unchanged), found in fewer iterations.
+first starts Newton from the last solution in cosine coordinates, γ_t = α_t·‖g_t‖ (scale-free, so a step's change of
+gradient norms does not move it; a buffer too; issue 17's warm start): the same solution (the equations have one
+positive root and the stopping rule is unchanged), usually in fewer iterations.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def solve_nash(gram: Tensor, start: Tensor | None = None) -> tuple[Tensor, int, 
     ``stationary``: the equations without the ridge have no positive solution (0 lies in the convex hull of the
     gradients: a Pareto-stationary point, which the paper excludes); α = 0 then, the update that was applied
     (the ridge's α ~ 1e5 cancelled to an update of 0 but was logged as the weights: issue 14).
-    ``start``: a previous α (warm start, issue 17): Newton starts from γ = α_t·‖g_t‖ where that is positive for every
+    ``start``: a previous γ (warm start, issue 17): Newton starts from it where it is positive for every
     task with a non-zero gradient (the same equations and stopping rule, so the same solution to ``TOL``).
     """
     gram = gram.double()
@@ -80,7 +81,7 @@ def solve_nash(gram: Tensor, start: Tensor | None = None) -> tuple[Tensor, int, 
     norms = sq_norms[live].sqrt()
     n = norms.shape[0]
     cos = gram[live][:, live] / torch.outer(norms, norms)
-    gamma0 = None if start is None else start.to(gram)[live] * norms
+    gamma0 = None if start is None or start.shape != live.shape else start.to(gram)[live]
     if gamma0 is not None and not bool((torch.isfinite(gamma0) & (gamma0 > 0)).all()):
         gamma0 = None  # a task that had no gradient, or the stationary fallback's α = 0: start cold
     gamma, iterations, converged = newton(cos + RIDGE * torch.eye(n, dtype=torch.float64, device=gram.device), gamma0)
@@ -124,12 +125,15 @@ class NashMTL(GramianAggregation):
         # buffers, not parameters: saved in checkpoints, never touched by the optimizer
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
+        # the last solution in cosine coordinates, γ_t = α_t·‖g_t‖ (0: none yet), where the next solve starts
+        self.register_buffer("gamma", torch.zeros(self.num_tasks, dtype=torch.float64))
 
     def weigh(self, gram: Tensor) -> Tensor:
         if int(self.step) % self.update_weights_every == 0:
-            # warm start from the last solve's α (a buffer: a resumed run starts from the same point)
-            alpha, iterations, converged, stationary = solve_nash(gram, self.alpha if int(self.step) > 0 else None)
+            # warm start from the last solve's γ (a buffer: a resumed run starts from the same point)
+            alpha, iterations, converged, stationary = solve_nash(gram, self.gamma.cpu())
             self.alpha.copy_(alpha.to(self.alpha.device))
+            self.gamma.copy_((alpha * gram.diagonal().clamp_min(0).sqrt()).to(self.gamma.device))
             fallback = (
                 "0 lies in the convex hull of the task gradients (Pareto-stationary): update 0" if stationary else None
             )
