@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from mtl_experiments import checkpoints, outputs, plots, safe_config, schema, selection, tracking
+from mtl_experiments import checkpoints, outputs, plots, safe_config, schema, selection, summary_names, tracking
 from mtl_experiments import resume as resume_lib
 from mtl_experiments.console import config_line, print_line, print_run_end, quiet_libraries
 from mtl_experiments.errors import ConfigError, MTLError
@@ -271,5 +271,5 @@ def fit_and_test(
 
 
 def run_summary(cfg: DictConfig, best: float | None, module) -> dict[str, float]:
-    """Run-level values: the best validation score."""
-    return {f"best/{cfg.optimized_metric}": best} if best is not None else {}
+    """Run-level values: the best validation score (``val_best/<metric>``: ``summary_names.best_key``)."""
+    return {summary_names.best_key(cfg.optimized_metric): best} if best is not None else {}

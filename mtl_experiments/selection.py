@@ -6,7 +6,7 @@ off by default (``conf/callbacks/default.yaml``):
 
 - ``PerTaskSelection`` (``callbacks.selection.mode=per_task``): one extra ``ModelCheckpoint`` per task keeps the
   checkpoint of that task's own best validation epoch; ``test/<task>/...`` (and ``test/<segment>/<task>/...``)
-  are measured on it, ``test/mean_<metric>`` is their mean, ``best_epoch/<task>`` says which epoch it was, and the
+  are measured on it, ``test/mean_<metric>`` is their mean, ``val_best_epoch/<task>`` says which epoch it was, and the
   joint selection's numbers stay in the run as ``joint/test/...``. Cost: T more checkpoints and T more test passes.
   This is early stopping as model selection (Prechelt, "Early Stopping - But When?", 1998) done per task:
   epoch*_t = argbest_e val_t(e).
@@ -41,7 +41,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from mtl_experiments import checkpoints, checks
+from mtl_experiments import checkpoints, checks, summary_names
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.module import metric_directions
 from mtl_experiments.tasks import Task
@@ -123,7 +123,7 @@ class PerTaskSelection(TaskCallback):
 
     def test(self, trainer: pl.Trainer, module, datamodule, joint_path: str | None) -> dict[str, float]:
         """Test the joint checkpoint and each task's own; log ``test/...`` (per task), ``joint/test/...``,
-        ``best_epoch/<task>`` and ``best/<task's metric>``; return the per-task results."""
+        ``val_best_epoch/<task>`` and ``val_best/<task>/<metric>`` (``summary_names``); return the per-task results."""
         # read before any test: testing a checkpoint restores the callbacks' states saved in it (an older best)
         best = {t: (c.best_model_path, c.best_model_score, c.monitor) for t, c in self.task_checkpoints.items()}
         loggers, trainer.loggers = trainer.loggers, []  # the values are logged once, below, under their names
@@ -136,9 +136,9 @@ class PerTaskSelection(TaskCallback):
         values = {**results, **{f"joint/{k}": v for k, v in joint.items()}}
         for task, (path, score, monitor) in best.items():
             if path:
-                values[f"best_epoch/{task}"] = float(checkpoints.load(path)["epoch"])
+                values[summary_names.best_epoch_key(task)] = float(checkpoints.load(path)["epoch"])
             if score is not None:
-                values[f"best/{monitor}"] = float(score)
+                values[summary_names.best_key(monitor)] = float(score)
         for logger in loggers:
             logger.log_metrics(values, step=trainer.global_step)
         return results

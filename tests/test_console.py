@@ -94,7 +94,7 @@ def test_a_run_prints_validation_lines_early_stopping_the_tested_epoch_and_its_l
     assert "train/loss:" in out and "val/mean_auroc:" in out  # the bar's items
     assert "Early stopping after epoch 1: val/mean_auroc did not improve by more than 1.0 for 1 validations." in out
     tested = next(ln for ln in lines if ln.startswith("Testing the best checkpoint: epoch "))
-    best = float(run.data.metrics["best/val/mean_auroc"])
+    best = float(run.data.metrics["val_best/mean_auroc"])
     assert f"(val/mean_auroc {best:.4f})" in tested
     link = f"http://ui.example:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert lines[-1].startswith(f"Run in the MLflow UI: {link} (serve it with: mlflow ui --backend-store-uri sqlite:")

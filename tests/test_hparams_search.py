@@ -37,7 +37,7 @@ from tests.conftest import ROOT, TINY, compose_cfg, options
 
 # TINY, shortened: one epoch on 800 samples still trains, validates, checkpoints and tests
 TRIAL = [*TINY, "data.num_samples=800", "trainer.max_epochs=1"]
-METRIC = "best/val/mean_auroc"  # what each run logs; the trial's value is the same number
+METRIC = "val_best/mean_auroc"  # what each run logs; the trial's value is the same number
 
 
 def multirun(cwd: Path, *overrides: str, sweep_dir: str, entry: str = "train.py") -> subprocess.CompletedProcess:

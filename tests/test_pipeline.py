@@ -40,11 +40,11 @@ def test_default_run_is_tracked_completely(make_cfg, mlflow_runs, tracking_uri):
         "test/y2/logloss",
         "test/y2/accuracy",
         "test/mean_auroc",
-        "best/val/mean_auroc",
+        "val_best/mean_auroc",
     ):
         assert key in m, key
     assert m["test/y1/auroc"] > 0.75 and m["test/y2/auroc"] > 0.75  # learnable: clearly above chance
-    assert best == pytest.approx(m["best/val/mean_auroc"])
+    assert best == pytest.approx(m["val_best/mean_auroc"])
     client = MlflowClient(tracking_uri)
     history = client.get_metric_history(run.info.run_id, "val/y1/auroc")
     assert len(history) == 3  # one point per epoch: metrics over time

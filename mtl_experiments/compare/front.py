@@ -8,7 +8,7 @@ the checkpoint each run selected on validation (the pipeline tests its best-by-v
 
 - **Front**: the static-weight groups (runs differing only by seed) whose mean test metrics over the K metrics
   (those of Δm) no other static group weakly dominates.
-- **Best static weights**: the static group with the best mean validation ``best/<optimized_metric>`` (chosen
+- **Best static weights**: the static group with the best mean validation ``val_best/<metric>`` (chosen
   on validation, never on test); ``Δm% vs best static`` = Maninis et al.'s Δm with it as the reference.
 - **Distance to the front** (signed, in % of the best static weights' values): in units
   ``u_k(x) = 100·s_k·x_k / |b_k|`` (s_k = +1 if higher is better, else −1; b the best static weights),
@@ -34,6 +34,7 @@ from mtl_experiments.compare.groups import Group, data_key
 from mtl_experiments.compare.runs import RunData, Selection, load_runs
 from mtl_experiments.compare.stats import delta_m, mean_std
 from mtl_experiments.errors import ConfigError
+from mtl_experiments.summary_names import best_key, old_best_key
 
 FRONT_LOSS = "fixed"  # the static-weight runs: loss=fixed (hparams_search=scalarization or fixed_weights)
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -84,7 +85,7 @@ class Entry:
     role: str  # front | method | single-task
     label: str
     weights: dict[str, float]  # mean train/weight/<task> (the static weights; a method's last weights)
-    selection: float  # mean best/<optimized_metric> (validation)
+    selection: float  # mean val_best/<metric> (validation)
     on_front: bool = False
     distance: float = math.nan  # d of the group's mean point
     distance_runs: list[float] = field(default_factory=list)  # d of each run's point
@@ -126,7 +127,7 @@ def method_label(g: Group) -> str:
 
 
 def _selection(g: Group, metric: str) -> float:
-    return mean_std(g.values(f"best/{metric}"))[0]
+    return mean_std(g.values(best_key(metric)) or g.values(old_best_key(metric)))[0]
 
 
 def _selection_metric(front_groups: Sequence[Group]) -> tuple[str, bool]:
@@ -209,7 +210,7 @@ def build_front(c: Comparison, front_ids: set[str]) -> Front:
     scored = [e for e in entries if not math.isnan(e.selection)]
     if not scored:
         raise ConfigError(
-            f"No static-weight run logged best/{metric}; the best weights cannot be chosen on validation."
+            f"No static-weight run logged {best_key(metric)}; the best weights cannot be chosen on validation."
         )
     best = max(scored, key=lambda e: e.selection if higher else -e.selection)
     ref = group_means(best.group, keys)

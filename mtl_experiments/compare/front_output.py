@@ -17,6 +17,7 @@ from mtl_experiments.compare.front import Entry, Front, front_compare, non_domin
 from mtl_experiments.compare.output import pareto_keys, skipped_summary
 from mtl_experiments.compare.runs import Selection
 from mtl_experiments.compare.stats import mean_std
+from mtl_experiments.summary_names import best_key
 
 FRONT_FILES = ("front.md", "front.csv", "front.png")
 
@@ -56,7 +57,7 @@ def _header(f: Front) -> list[str]:
         "",
         f"Test metrics of each run's checkpoint selected on validation (`{f.selection_metric}`), mean ± std over "
         f"seeds. K = {len(f.keys)} metrics: {arrows}.",
-        f"**Best static weights** (chosen on validation: best mean `best/{f.selection_metric}`): "
+        f"**Best static weights** (chosen on validation: best mean `{best_key(f.selection_metric)}`): "
         f"{f.best.label} (n={len(f.best.group.runs)}).",
         "**Front**: the static-weight groups no other static group weakly dominates on the K mean test metrics. "
         "**d** = signed distance to the front, in % of the best static weights' values (Zitzler et al. 2003's "
@@ -98,7 +99,7 @@ def to_frame(f: Front) -> pd.DataFrame:
     for e in f.entries:
         row: dict[str, Any] = {"role": e.role, "label": e.label, "group": e.group.label, "n": len(e.group.runs)}
         row.update({f"weight/{t}": w for t, w in e.weights.items()})
-        row.update({f"best/{f.selection_metric}": e.selection, "on_front": e.on_front, "best_static": e is f.best})
+        row.update({best_key(f.selection_metric): e.selection, "on_front": e.on_front, "best_static": e is f.best})
         for k in f.keys:
             mean, std = mean_std(e.group.values(f"test/{k}"))
             row.update({f"test/{k}_mean": mean, f"test/{k}_std": std})

@@ -56,7 +56,7 @@ def test_distance_and_front_properties_on_random_points(dtype):
 # ------------------------------------------------------------------------------------------ a real store
 
 TASKS = ("y1", "y2")
-# (weights, test y1/y2 AUROC, validation best/val/mean_auroc): S3 is the best on validation although S1
+# (weights, test y1/y2 AUROC, validation val_best/mean_auroc): S3 is the best on validation although S1
 # dominates it on test, so the best static weights must be S3 (chosen on validation, never on test)
 STATIC = {
     "S0": ((1.0, 0.0), (0.80, 0.50), 0.60),
@@ -85,7 +85,7 @@ def log(client, exp_id, seed, loss, backbone, test, val, *, params=None, weights
     now = int(time.time() * 1000)
     metrics = [Metric(f"test/{t}/auroc", v, now, 0) for t, v in zip(TASKS, test, strict=True)]
     metrics += [Metric(f"train/weight/{t}", w, now, 0) for t, w in zip(TASKS, weights, strict=True)]
-    metrics.append(Metric("best/val/mean_auroc", val, now, 0))
+    metrics.append(Metric("val_best/mean_auroc", val, now, 0))
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in p.items()])
     client.set_terminated(run_id, "FINISHED")
     return run_id
@@ -132,7 +132,7 @@ def test_cli_front_writes_the_report_table_and_plot(store, capsys):
     out = store["tmp"] / "out"
     assert main(["--tracking-uri", store["uri"], "--experiment", "methods", "--front", "front", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "**Best static weights** (chosen on validation: best mean `best/val/mean_auroc`): w=(0.75, 0.25)" in text
+    assert "**Best static weights** (chosen on validation: best mean `val_best/mean_auroc`): w=(0.75, 0.25)" in text
     assert "| shared_bottom/equal | method | 2 |" in text and "behind the front" in text
     table = pd.read_csv(out / "front.csv")
     assert sorted(table["role"].value_counts().items()) == [("front", 4), ("method", 2), ("single-task", 1)]

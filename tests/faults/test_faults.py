@@ -167,7 +167,7 @@ def test_server_lost_mid_run_training_finishes_and_the_values_are_replayed(
     assert run.info.status == "FINISHED"
     steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss/y1"), key=lambda m: m.step)]
     assert steps == list(range(4, 75, 5))  # every logged step once, before and after the outage
-    assert "test/y1/auroc" in run.data.metrics and "best/val/mean_auroc" in run.data.metrics
+    assert "test/y1/auroc" in run.data.metrics and "val_best/mean_auroc" in run.data.metrics
     assert "Uploaded 0 metric values" in replay().stdout  # idempotent
 
 

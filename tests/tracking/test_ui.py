@@ -1,6 +1,7 @@
 """The MLflow UI, in a real headless browser (Playwright + Chromium), on a run this project recorded in a real
 `mlflow server`: the experiment link opens on the runs table (not MLflow 3's GenAI overview), the run's name leads
-with what distinguishes it, and its page shows the dataset.
+with what distinguishes it, its page shows the dataset, and its "Model metrics" tab opens on a curve, with the
+one-point best score (``val_best/...``) after the train/val curves (MLflow orders chart sections by name).
 
 Skipped, saying why, where Playwright or a Chromium is missing: ``pip install -e '.[ui]'``, then ``playwright
 install chromium`` or a system Chromium (Debian: ``apt-get install chromium``). ``MTL_UI_SCREENSHOTS=<folder>``
@@ -10,6 +11,7 @@ keeps a screenshot of each page (docs/figures/mlflow_ui_*.png were taken so).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,9 +44,16 @@ def show(page, url: str, expect: str, shot: str) -> str:
     return page.inner_text("body")
 
 
+def chart_sections(text: str) -> list[str]:
+    """The chart sections of the "Model metrics" tab in page order: each title is followed by its count, ``(N)``."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [title for title, count in zip(lines, lines[1:], strict=False) if re.fullmatch(r"\(\d+\)", count)]
+
+
 def test_the_experiment_link_opens_on_the_runs(mlflow_server, make_cfg, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=1"))
+    # 2 epochs, every step measured (as a default-size run measures some steps in every epoch): curves of 2 points
+    train(make_cfg("logger.mlflow.tracking_uri=null", "trainer.max_epochs=2", "module.conflict.every_n_steps=1"))
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mtl-experiments")
     (run,) = client.search_runs([exp.experiment_id])
@@ -60,5 +69,13 @@ def test_the_experiment_link_opens_on_the_runs(mlflow_server, make_cfg, monkeypa
             assert "Detect issues" not in text  # the GenAI overview's call to action
             text = show(page, tracking.run_url(base, exp.experiment_id, run.info.run_id), "synthetic", "run")
             assert run.info.run_name in text and run.info.run_id in text
+            page.get_by_text("Model metrics").first.click()
+            text = show(page, page.url, "Add chart", "metrics")
+            sections = chart_sections(text)
+            charts = [k for k in run.data.metrics if k.rpartition("/")[0] == sections[0]]
+            points = {k: len(client.get_metric_history(run.info.run_id, k)) for k in charts}
+            assert points and max(points.values()) > 1, (sections, points)  # a curve first, not a one-point summary
+            curves = [i for i, name in enumerate(sections) if name.split("/")[0] in ("train", "val")]
+            assert sections.index("val_best") > max(curves), sections  # the best score after the train/val curves
         finally:
             browser.close()
