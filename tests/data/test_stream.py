@@ -4,7 +4,9 @@ shards (one error naming the shard and the column; skip with a count). Data: scr
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mtl_experiments.data.stream import StreamDataModule
-from mtl_experiments.data.stream.loader import StreamLoader, interleaved_skip
+from mtl_experiments.data.stream.loader import StreamLoader, interleaved_skip, tensors
 from mtl_experiments.data.stream.shards import SPLIT_CODES
 from mtl_experiments.errors import ConfigError, DataError
 from scripts.make_log import write_log
@@ -64,6 +66,15 @@ def loader(dm, split="train", rank=0, world=1, workers=0, **kwargs) -> StreamLoa
 
 def row_ids(batches) -> list[int]:
     return [int(i) for b in batches for i in b["row_id"]]
+
+
+def test_a_kept_batch_does_not_keep_its_block_alive():
+    block = np.arange(65536)  # a row group's rows; the batch is a slice of it
+    alive = weakref.ref(block)
+    batch = tensors({"labels": {"click": block[:64]}})
+    del block
+    gc.collect()
+    assert alive() is None and batch["labels"]["click"].tolist() == list(range(64))
 
 
 def test_splits_partition_the_rows_and_cold_users_never_train(log_dir):

@@ -49,9 +49,11 @@ def length(tree) -> int:
 
 
 def tensors(tree):
+    """Tensors owning their memory: a batch cut from a row group's block must not keep the block alive when a
+    consumer keeps the batch (the module keeps training labels until the epoch ends)."""
     if isinstance(tree, dict):
         return {k: tensors(v) for k, v in tree.items()}
-    return torch.from_numpy(np.ascontiguousarray(tree))
+    return torch.from_numpy(np.array(tree, order="C", copy=True))
 
 
 def as_is(block):
