@@ -85,7 +85,7 @@ def test_multirun_groups_its_runs_under_one_parent_in_the_default_store(tmp_path
     ]
     # each name leads with its swept values, then the rest
     assert sorted(c.info.run_name for c in children) == [
-        f"{loss} seed={seed} | synthetic-shared_bottom" for loss in ("equal", "fixed") for seed in (0, 1)
+        f"s{seed} {loss} | synthetic-shared_bottom" for seed in (0, 1) for loss in ("equal", "fixed")
     ]
 
 

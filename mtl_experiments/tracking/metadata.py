@@ -77,14 +77,21 @@ def path_tags(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def default_run_name(choices: Mapping[str, Any], overrides: list[str], seed: Any, swept: list[str]) -> str:
-    """What tells runs apart first: a sweep job's swept values (``pcgrad seed=1``: a group's option alone, other keys
-    as ``<last part of the key>=<value>``; the runs table shows ~17 characters of a name), then
-    ``<data>-<backbone>-<loss>-seed<n>`` without what was already said."""
+    """What tells runs apart first: a sweep job's swept values in short forms, the short ones first (``s1 pcgrad``:
+    the seed as ``s<n>``, other keys as ``<last part of the key>=<value>``, then a group's option alone; the runs
+    table shows ~13 characters of a sweep job's name), then ``<data>-<backbone>-<loss>-seed<n>`` without what was
+    already said."""
     values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    lead = [values[k] if k in choices else f"{k.rsplit('.', 1)[-1]}={values[k]}" for k in swept if k in values]
+    keys = [k for k in swept if k in values and k not in choices] + [k for k in swept if k in values and k in choices]
+    lead = [values[k] if k in choices else short_value(k, values[k]) for k in keys]
     rest = [str(choices.get(g, "?")) for g in NAME_PARTS if g not in values or g not in swept]
     rest += [] if "seed" in swept and "seed" in values else [f"seed{seed}"]
     return " ".join(lead) + " | " + "-".join(rest) if lead else "-".join(rest)
+
+
+def short_value(key: str, value: str) -> str:
+    """``seed=1`` -> ``s1``; ``optimizer.lr=0.01`` -> ``lr=0.01``."""
+    return f"s{value}" if key == "seed" else f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, Any]:

@@ -66,7 +66,9 @@ STATIC = {
 }
 
 
-def log(client, exp_id, seed, loss, backbone, test, val, *, params=None, weights=(1.0, 1.0), parent=None) -> str:
+def log(
+    client, exp_id, seed, loss, backbone, test, val, *, params=None, weights=(1.0, 1.0), parent=None, best="val_best"
+) -> str:
     tags = {"data": "synthetic", "backbone": backbone, "loss": loss, "overrides": f"seed={seed}"}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -85,7 +87,7 @@ def log(client, exp_id, seed, loss, backbone, test, val, *, params=None, weights
     now = int(time.time() * 1000)
     metrics = [Metric(f"test/{t}/auroc", v, now, 0) for t, v in zip(TASKS, test, strict=True)]
     metrics += [Metric(f"train/weight/{t}", w, now, 0) for t, w in zip(TASKS, weights, strict=True)]
-    metrics.append(Metric("val_best/mean_auroc", val, now, 0))
+    metrics.append(Metric("val_best/mean_auroc" if best == "val_best" else "best/val/mean_auroc", val, now, 0))
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in p.items()])
     client.set_terminated(run_id, "FINISHED")
     return run_id
@@ -107,7 +109,14 @@ def store(tmp_path_factory):
         log(client, methods_exp, seed, "equal", "shared_bottom", (0.79, 0.79), 0.79)
         log(client, methods_exp, seed, "pcgrad", "shared_bottom", (0.70, 0.70 + 0.02 * seed), 0.70)
         log(client, methods_exp, seed, "equal", "single_task", (0.81, 0.81), 0.81)
-    return {"uri": uri, "parent": parent, "tmp": tmp}
+    old_exp = client.create_experiment("old", artifact_location=(tmp / "c").as_uri())  # logged before val_best/
+    old_parent = client.create_run(old_exp, tags={"mtl.role": "sweep_parent"}).info.run_id
+    for i, (w, test, val) in enumerate(STATIC.values()):
+        index = {"loss.weights.index": i}
+        old = {"params": index, "weights": w, "parent": old_parent, "best": ""}
+        log(client, old_exp, 0, "fixed", "shared_bottom", test, val, **old)
+    log(client, old_exp, 0, "equal", "shared_bottom", (0.79, 0.79), 0.79, best="")
+    return {"uri": uri, "parent": parent, "tmp": tmp, "old_parent": old_parent}
 
 
 def test_front_best_static_on_validation_distances_and_delta_m(store):
@@ -126,6 +135,12 @@ def test_front_best_static_on_validation_distances_and_delta_m(store):
     assert equal.dm_best == pytest.approx([100 * 0.02 / 0.77] * 2)
     assert equal.group.delta_m_values == pytest.approx([100 * (0.79 - 0.81) / 0.81] * 2)  # vs single-task
     assert by["w=(0.75, 0.25)"].dm_best == pytest.approx([0.0, 0.0])
+
+
+def test_front_reads_the_best_score_of_an_older_store(store):
+    """Runs logged before the rename (``best/val/mean_auroc``): the best static weights are still chosen on it."""
+    f = front_compare(load_runs(store["uri"], experiment="old"), store["old_parent"])
+    assert f.best.label == "w=(0.75, 0.25)"
 
 
 def test_cli_front_writes_the_report_table_and_plot(store, capsys):

@@ -21,7 +21,8 @@ CHOICES = {"data": "synthetic", "backbone": "mmoe", "loss": "pcgrad", "hydra/lau
     ("overrides", "swept", "name"),
     [
         ([], [], "synthetic-mmoe-pcgrad-seed3"),
-        (["loss=pcgrad", "seed=3", "trainer.max_epochs=2"], ["loss", "seed"], "pcgrad seed=3 | synthetic-mmoe"),
+        (["loss=pcgrad", "seed=3", "trainer.max_epochs=2"], ["loss", "seed"], "s3 pcgrad | synthetic-mmoe"),
+        (["loss=pcgrad", "+optimizer.lr=0.01"], ["loss", "optimizer.lr"], "lr=0.01 pcgrad | synthetic-mmoe-seed3"),
         (["+optimizer.lr=0.01", "loss=pcgrad"], ["optimizer.lr"], "lr=0.01 | synthetic-mmoe-pcgrad-seed3"),
         (["data=synthetic", "backbone=mmoe"], ["backbone", "data"], "mmoe synthetic | pcgrad-seed3"),
     ],
