@@ -32,7 +32,7 @@ OPTIONS: dict[str, dict[str, dict[str, Check]]] = {
             "task_group": one_of(1, 2, hint="1: income and marital status, 2: education and marital status"),
             "college_levels": texts,
             "download_url": TEXT,
-            "download_sha256": MAYBE_TEXT,
+            "download_sha256": nullable(rule(checks.mapping, hint="{<file name>: <sha256>}")),
         },
         "kuairand": {
             "logs": any_of(
@@ -42,7 +42,7 @@ OPTIONS: dict[str, dict[str, dict[str, Check]]] = {
                 lambda v: checks_ok(texts, v) and len(v) > 0,
             ),
             "user_features": TEXT,
-            "video_features": TEXT,
+            "video_features": MAYBE_TEXT,
             "item_catalog": one_of("logs", "features"),
             "context_features": rule(checks.boolean),
             "next_item_signal": nullable(
