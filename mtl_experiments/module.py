@@ -53,6 +53,18 @@ CLIP_ALGORITHMS = ("norm", "value")
 log = logging.getLogger(__name__)
 
 
+def host_values(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """``{key: float}`` of scalar tensors (and numbers), from one copy to the host: one synchronisation per call
+    on an accelerator, not one per key."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in tensors.values()])
+        out.update(zip(tensors, stacked.tolist(), strict=True))
+    return out
+
+
 def metric_directions(tasks: Mapping[str, Task], stage: str = "val") -> dict[str, bool]:
     """Every metric key the module logs for ``stage`` -> whether higher is better."""
     out = {f"{stage}/loss": False}
@@ -359,36 +371,41 @@ class MTLModule(pl.LightningModule):
 
     def _log_step(self, losses, weights, norms_of, measured, step: int, labels: Mapping[str, Tensor]) -> None:
         """This step's values, at Lightning's cadence: losses, weights, gradient norms (of ``norms_of``, the
-        weighting's G when it is the conflict metrics' quantity), the weighting's state, the conflict metrics."""
-        # Lightning writes step values only every log_every_n_steps; calling self.log on the other steps
-        # costs ~0.3 ms per key for nothing (measured with scripts/benchmark.py). After opt.step(),
-        # global_step is the step number Lightning's logger connector tests.
+        weighting's G when it is the conflict metrics' quantity), the weighting's state; the conflict metrics
+        whenever measured. All of them go to the loggers in one ``log_metrics`` call from one host copy (one store
+        write per logged step); ``train/loss`` also goes through ``self.log(logger=False)``, for the progress bar
+        and ``callback_metrics``. Lightning's ``self.log`` costs ~1 ms per key and call on CPU (py-spy:
+        ``_ResultMetric.to`` walks its state each call), more than the step of a small model.
+        """
+        # Lightning writes step values only every log_every_n_steps; after opt.step(), global_step is the step
+        # number Lightning's logger connector tests
         every = self.trainer.log_every_n_steps
         writes = bool(every) and (self.global_step % every == 0 or self.trainer.should_stop)
-        # Conflict values ride on Lightning's write only when measured at exactly its cadence: Lightning
-        # re-writes every key self.log'd earlier in the epoch at each later write, so a key logged on
-        # fewer steps would be re-written with stale values. Otherwise they are written directly to the
-        # loggers (one extra store write per measurement, ~25 ms on SQLite).
-        merged, direct = {}, {}
-        cadences = (self.conflict_config.every_n_steps, self.conflict_config.affinity_every_n_steps)
-        for values, cadence in zip(measured, cadences, strict=True):
-            (merged if writes and cadence == every else direct).update(values)
         if writes:
-            logs = {"train/loss": (weights * losses).sum()}
-            norms = norms_of.norm(dim=1) if norms_of is not None else None
-            for i, name in enumerate(self.tasks):
-                logs[f"train/loss/{name}"] = losses[i]
-                logs[f"train/weight/{name}"] = weights[i]
-                if norms is not None:
-                    logs[f"train/grad_norm/{name}"] = norms[i]
-            logs.update({f"train/{k}": v.detach() for k, v in self.step_weighting.log_values().items()})
-            logs.update(merged)
-            direct = {k: v for k, v in direct.items() if k not in logs}  # e.g. grad norms Lightning writes anyway
-            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(labels[name]))
-        if direct:  # at the step number Lightning's connector would write (batches stepped before this one)
-            values = {k: float(v) for k, v in direct.items()}
+            batch_size = len(next(iter(labels.values())))
+            total = (weights * losses).sum()
+            self.log("train/loss", total, on_step=True, on_epoch=False, batch_size=batch_size, logger=False)
+        if not self.loggers:  # nothing would receive the values (bare trainers, benchmarks)
+            return
+        values = {k: v for logs in measured for k, v in logs.items()}  # the conflict metrics, when measured
+        if writes:
+            values.update({"train/loss": total, **self._step_values(losses, weights, norms_of)})
+        if values:  # at the step number Lightning's connector writes (batches stepped before this one)
+            values = host_values(values)
             for logger in self.loggers:
                 logger.log_metrics(values, step=step - 1)
+
+    def _step_values(self, losses: Tensor, weights: Tensor, norms_of: Tensor | None) -> dict[str, Tensor]:
+        """``train/loss/<task>``, ``train/weight/<task>``, ``train/grad_norm/<task>`` and the weighting's state."""
+        values = {}
+        norms = norms_of.norm(dim=1) if norms_of is not None else None
+        for i, name in enumerate(self.tasks):
+            values[f"train/loss/{name}"] = losses[i]
+            values[f"train/weight/{name}"] = weights[i]
+            if norms is not None:
+                values[f"train/grad_norm/{name}"] = norms[i]
+        values.update({f"train/{k}": v.detach() for k, v in self.step_weighting.log_values().items()})
+        return values
 
     def _step_scheduler(self, interval: str) -> None:
         """Lightning steps no scheduler under manual optimization: this module does, after each optimizer step
@@ -549,20 +566,23 @@ class MTLModule(pl.LightningModule):
         return values
 
     def on_train_epoch_end(self) -> None:
+        values: dict[str, Tensor | float] = {}
         if self.train_metrics and self._train_outputs:
             self._update_metrics(self.task_metrics["on_train"], *self._epoch_train_outputs())
             self._train_outputs = []
-            self._log_epoch_metrics("train")
+            # written with the counters below, in one store write, not through self.log (~1 ms per key and call)
+            values.update(self._compute_metrics("train", "train/"))
         self.step_weighting.on_train_epoch_end(self.current_epoch)
         self._step_scheduler("epoch")
         if self.divergence is not None:
             self.divergence.end_epoch()
-        counters = self._counters()
+        values.update(self._counters())
         if self.conflict_tracker is not None:  # the per-epoch series conflict/epoch/...
-            counters.update(self.conflict_tracker.epoch_means())
-        if counters and self._trainer is not None and not self.trainer.sanity_checking:
+            values.update(self.conflict_tracker.epoch_means())
+        if values and self.loggers and not self.trainer.sanity_checking:
+            values = host_values(values)
             for logger in self.loggers:
-                logger.log_metrics(counters, step=self.global_step)
+                logger.log_metrics(values, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

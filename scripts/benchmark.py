@@ -21,7 +21,8 @@ The exit code is 0 whatever the numbers: these are measurements, not tests. Run 
     python scripts/benchmark.py
     python scripts/benchmark.py --epochs 5 --repeats 5 --json bench.json
     python scripts/benchmark.py backbone=single_task data.batch_size=512
-    python scripts/benchmark.py --methods --tasks 2,4 --json methods.json
+    python scripts/benchmark.py --methods --tasks 2,4 --json methods.json     # recsys MMoE and 665k MMoE
+    python scripts/benchmark.py --methods --models config backbone=mmoe     # the config as given
     python scripts/benchmark.py --conflict --repeats 5
     python scripts/benchmark.py --census --json census.json          # plain, lightning, rechub
     python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
@@ -61,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", action="store_true", help="step time of each loss method relative to equal")
     parser.add_argument("--methods-list", default=None, help="comma-separated methods (default: all conf/loss)")
     parser.add_argument("--tasks", default="2,4", help="task counts for --methods (default 2,4)")
+    parser.add_argument(
+        "--models",
+        default=methods.DEFAULT_MODELS,
+        help=f"models for --methods, of {','.join(methods.MODELS)} (default {methods.DEFAULT_MODELS}; config: the "
+        "config as given)",
+    )
     parser.add_argument("--conflict", action="store_true", help="overhead of the task-conflict metrics (on vs off)")
     parser.add_argument(
         "--rechub", action="store_true", help=f"add torch-rechub's MMOE + MTLTrainer as a contender ({RECHUB_INSTALL})"
@@ -108,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             "--methods, --conflict, --one-vs-many, --sparse-scale and --stream-scale are separate measurements: "
             "choose one"
         )
+    unknown_models = set(args.models.split(",")) - set(methods.MODELS)
+    if unknown_models:
+        parser.error(f"--models must be among {','.join(methods.MODELS)}, got {','.join(sorted(unknown_models))}")
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
     if args.rechub and (args.methods or args.conflict or args.one_vs_many or args.sparse_scale):
@@ -127,7 +137,7 @@ def throughput(args: argparse.Namespace, overrides: list[str]) -> dict:
 
 
 def method_step_times(args: argparse.Namespace, overrides: list[str]) -> dict:
-    return methods.run(overrides, args.methods_list, args.tasks, args.epochs, args.repeats)
+    return methods.run(overrides, args.methods_list, args.tasks, args.epochs, args.repeats, args.models)
 
 
 def conflict_overhead(args: argparse.Namespace, overrides: list[str]) -> dict:

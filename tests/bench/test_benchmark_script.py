@@ -33,10 +33,15 @@ def test_benchmark_script_writes_rates_and_ratios(tmp_path):
     assert "ratio lightning/plain" in proc.stdout
 
     result = json.loads(out.read_text())
-    contenders = {"plain", "lightning", "lightning_no_train_metrics", "plain_dataloader"}
+    contenders = {"plain", "lightning", "lightning_floor", "lightning_no_train_metrics", "lightning_no_conflict"}
+    contenders |= {"plain_dataloader"}
     assert set(result["samples_per_s"]) == contenders
     assert all(rate > 0 for rate in result["samples_per_s"].values())
-    assert set(result["ratios"]) == {f"{name}/plain" for name in contenders - {"plain"}}
+    assert set(result["ratios"]) == {f"{name}/plain" for name in contenders - {"plain"}} | {"lightning/lightning_floor"}
+    # MTLModule's own cost beyond Lightning's floor, per step: the two rates' step times subtracted
+    step_us = {k: 1e6 * result["batch_size"] / result["samples_per_s"][k] for k in ("lightning", "lightning_floor")}
+    assert result["own_us_per_step"] == pytest.approx(step_us["lightning"] - step_us["lightning_floor"])
+    assert "Lightning's floor: lightning_floor/plain" in proc.stdout
     assert all(ratio > 0 for ratio in result["ratios"].values())
     assert result["train_rows"] == 800 and result["overrides"] == ["data.num_samples=1000"]
 
@@ -50,6 +55,8 @@ def test_methods_mode_reports_step_time_relative_to_equal(tmp_path):
             "--methods",
             "--methods-list",
             "fixed",
+            "--models",
+            "config",
             "--tasks",
             "2,3",
             "--epochs",
@@ -69,6 +76,12 @@ def test_methods_mode_reports_step_time_relative_to_equal(tmp_path):
     assert set(result["ratio_to_equal"]) == {"equal@T2", "fixed@T2", "equal@T3", "fixed@T3"}
     assert result["ratio_to_equal"]["equal@T2"] == 1.0
     assert all(ms > 0 for ms in result["ms_per_step"].values())
+    # the per-task-gradient floor in the same rounds; a loss-level method's floor is equal itself
+    rows = result["by_model"]["config"]
+    assert set(rows) == {f"{m}@T{t}" for m in ("equal", "fixed", "gradient_floor") for t in (2, 3)}
+    assert rows["fixed@T2"]["floor"] == 1.0 and rows["gradient_floor@T2"]["floor"] == rows["gradient_floor@T2"]["ratio"]
+    assert rows["fixed@T3"]["low"] <= rows["fixed@T3"]["ratio"] <= rows["fixed@T3"]["high"]
+    assert result["families"] == {"equal": "loss", "fixed": "loss", "gradient_floor": "task_gradients"}
 
 
 def test_conflict_mode_reports_the_overhead_of_the_conflict_metrics(tmp_path):
@@ -117,13 +130,14 @@ def test_census_mode_measures_plain_lightning_and_rechub_or_says_why(tmp_path, c
     assert result["config"]["backbone"]["num_experts"] == 8 and result["config"]["features"]["embedding_dim"] == 4
     assert {"plain", "lightning"} <= set(result["samples_per_s"])
     assert not {"lightning_no_train_metrics", "plain_dataloader"} & set(result["samples_per_s"])
-    assert "ratio lightning/plain" in proc.stdout
+    assert "ratio lightning/plain" in proc.stdout and result["target_ratio"] == 0.95  # issue 17's census goal
     if rechub.rechub_missing() is None:
-        assert set(result["samples_per_s"]) == {"plain", "lightning", "rechub"} and result["skipped"] == {}
+        assert set(result["samples_per_s"]) == {"plain", "lightning", "lightning_floor", "rechub"}
+        assert result["skipped"] == {}
         assert result["ratios"]["lightning/rechub"] > 0 and "ratio lightning/rechub" in proc.stdout
         assert result["parameters"]["rechub"] > 0
     else:
-        assert set(result["samples_per_s"]) == {"plain", "lightning"}
+        assert set(result["samples_per_s"]) == {"plain", "lightning", "lightning_floor"}
         assert "pip install torch-rechub" in result["skipped"]["rechub"]
         assert "rechub: skipped" in proc.stdout
 

@@ -3,12 +3,13 @@ MLflow whatever the cadence, the module's checkpoint state."""
 
 from __future__ import annotations
 
+import csv
 import functools
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from mlflow.tracking import MlflowClient
 
 from mtl_experiments import checkpoints
@@ -18,7 +19,7 @@ from mtl_experiments.errors import ConfigError, NonFiniteLossError
 from mtl_experiments.features import FeatureEncoder
 from mtl_experiments.loss.fixed import Fixed
 from mtl_experiments.model import MultiTaskModel
-from mtl_experiments.module import MTLModule
+from mtl_experiments.module import MTLModule, host_values
 from mtl_experiments.pipeline import train
 from mtl_experiments.tracking import ResilientMLFlowLogger
 from tests.conftest import bare_trainer
@@ -143,3 +144,31 @@ def test_bad_module_options_are_refused_naming_the_key(option, message):
     model = MultiTaskModel(encoder, SharedBottom(encoder.output_dim, list(dm.tasks), (8,), (4,)), dm.tasks)
     with pytest.raises(ConfigError, match=message):
         MTLModule(model, dm.tasks, Fixed(None), functools.partial(torch.optim.SGD, lr=0.1), **option)
+
+
+def test_host_values_converts_scalar_tensors_and_numbers_exactly():
+    values = {"a": torch.tensor(0.25), "b": torch.tensor([1.5], dtype=torch.float64), "c": 3, "d": torch.tensor(7)}
+    assert host_values(values) == {"a": 0.25, "b": 1.5, "c": 3.0, "d": 7.0}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        random = {f"k{i}": torch.randn((), generator=g).to(dtype) for i in range(20)}
+        assert host_values(random) == {k: float(v) for k, v in random.items()}  # same as one float() per key
+
+
+def test_step_values_reach_the_logger_in_one_write_per_logged_step(tmp_path):
+    """Every step value of a logged step (losses, weights, train/loss) in one ``log_metrics`` call at Lightning's
+    step number; ``train/loss`` is also in ``callback_metrics`` (the progress bar reads it there)."""
+    module, dm = setup_module_and_batch(weights={"a": 2.0, "b": 1.0})
+    logger = CSVLogger(tmp_path)
+    trainer = bare_trainer(max_steps=6, log_every_n_steps=2, logger=logger)
+    trainer.fit(module, datamodule=dm)
+    with open(logger.experiment.metrics_file_path) as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    assert steps == [1, 3, 5]  # Lightning's own cadence and step numbers
+    for r in rows:
+        if r["train/loss"]:  # the same row: one write holds train/loss and the per-task values
+            total = 2.0 * float(r["train/loss/a"]) + float(r["train/loss/b"])
+            assert float(r["train/loss"]) == pytest.approx(total, rel=1e-6)
+            assert (float(r["train/weight/a"]), float(r["train/weight/b"])) == (2.0, 1.0)
+    assert "train/loss" in trainer.callback_metrics
