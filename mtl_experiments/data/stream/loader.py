@@ -9,7 +9,9 @@ the in-memory loader drops them: different rows every epoch). Worker w of a rank
 contiguous part of the rank's range. Each reads only the row groups its range touches. Training rows pass a
 shuffle buffer of ``shuffle_buffer`` rows: each incoming row group joins the buffer and all but
 ``shuffle_buffer`` rows of it leave in a random order (every buffered row equally likely), seeded by
-``(seed, epoch, rank, worker)``.
+``(seed, epoch, rank, worker)``. Workers hand batches over as numpy arrays (one pickled message each; torch
+tensors would each be moved into a shared-memory file), the main process makes the tensors. Under DDP with
+``on_bad_shard=skip`` the ranks agree before every batch that each has one (``StreamLoader.in_step``).
 """
 
 from __future__ import annotations
