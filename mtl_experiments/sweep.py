@@ -26,6 +26,7 @@ Registered in ``conf/hydra/default.yaml`` under ``hydra.callbacks``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import logging
@@ -151,9 +152,15 @@ def job_problem(config: DictConfig, job: list[str], bases: dict) -> str | None:
 def check_sweep_jobs(config: DictConfig) -> None:
     """Check every job's config (``schema.validate``) before anything is launched or recorded: a sweep with a bad
     value in any job is refused whole, naming the first such job by its swept values."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     jobs, bases = sweep_jobs(config), {}
     swept = {_key(k[len("sweep.") :]) for k in sweep_params(config)}
-    bad = [(job, problem) for job in jobs if (problem := job_problem(config, job, bases)) is not None]
+    # Hydra's app is initialised during a sweep; a caller of the callback outside it gets the project's conf/
+    outside = not GlobalHydra.instance().is_initialized()
+    with initialize_config_dir(str(schema.CONF), version_base="1.3") if outside else contextlib.nullcontext():
+        bad = [(job, problem) for job in jobs if (problem := job_problem(config, job, bases)) is not None]
     if bad:
         job, message = bad[0]
         shown = " ".join(o for o in job if _key(o) in swept) or " ".join(job)
