@@ -126,18 +126,20 @@ def effective_weights(grads: Tensor, update: Tensor) -> Tensor:
     return torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean().clamp_min(1e-30) * eye, rhs).solution
 
 
-# columns per float64 block in ``gramian``/``combine``: T·16k float64 values stay in cache, where one float64 copy
-# of a 665k-column G (10 MB fresh each step) cost more than the products (scripts/benchmark.py --methods)
+# columns per float64 block in ``gramian``/``combine`` when G has more than BLOCKED_ABOVE columns: T·16k float64 values
+# stay in cache, where one float64 copy of a 665k-column G (10 MB fresh each step) costs 15-20% more (CPU time); below
+# ~300k columns the one copy is cheaper than the blocks' loop (measured for issue 17, docs/results.md)
 BLOCK = 1 << 14
+BLOCKED_ABOVE = 1 << 19
 
 
 def gramian(grads: Tensor) -> Tensor:
     """``K = G Gᵀ`` in float64, on G's device (the Gramian trick: the methods that need only K solve a T×T problem).
 
-    Computed over column blocks, each cast to float64 on its own, so no float64 copy of G is made; products of
-    float32 entries are exact in float64, so K is as accurate as ``G.double() @ G.double().T``.
+    For a wide G on the CPU, computed over column blocks, each cast to float64 on its own, so no float64 copy of G is
+    made; products of float32 entries are exact in float64, so K is as accurate as ``G.double() @ G.double().T``.
     """
-    if grads.device.type != "cpu" or grads.shape[1] <= BLOCK:
+    if grads.device.type != "cpu" or grads.shape[1] <= BLOCKED_ABOVE:
         g = grads.detach().to(torch.float64)
         return g @ g.T
     gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64)
@@ -151,7 +153,7 @@ def combine(weights: Tensor, grads: Tensor) -> Tensor:
     """The update ``wᵀG``, summed in float64 and returned in G's dtype (``(w @ G.double()).to(G.dtype)`` over column
     blocks: the sum of T products is rounded once, not T times)."""
     weights = weights.detach().to(device=grads.device, dtype=torch.float64)
-    if grads.device.type != "cpu" or grads.shape[1] <= BLOCK:
+    if grads.device.type != "cpu" or grads.shape[1] <= BLOCKED_ABOVE:
         return (weights @ grads.detach().to(torch.float64)).to(grads.dtype)
     out = torch.empty(grads.shape[1], dtype=grads.dtype)
     for cols, block in zip(out.split(BLOCK), grads.detach().split(BLOCK, dim=1), strict=True):
@@ -202,11 +204,19 @@ class GradientAggregation(Weighting):
 class GramianAggregation(GradientAggregation):
     """Aggregators whose weights depend on G only through its Gramian ``K = G Gᵀ`` (MGDA, UPGrad, IMTL-G, CAGrad,
     Nash-MTL, FairGrad, SDMGrad): ``weigh(K) -> w`` on the T×T problem, then the update ``wᵀG`` formed once.
-    Subclasses implement ``weigh`` (float64 K on the CPU in, float64 w out)."""
+    Subclasses implement ``weigh`` (float64 K on the CPU in, float64 w out). ``float64_sums = False``: K and wᵀG are
+    summed in G's dtype (then K cast to float64), for a method whose solve is scale-free and tolerance-limited and
+    which was specified that way (CAGrad, Nash-MTL); 2-4x cheaper than the float64 sums on a float32 G."""
+
+    float64_sums: bool = True
 
     def weigh(self, gram: Tensor) -> Tensor:
         raise NotImplementedError
 
     def aggregate(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.float64_sums:
+            g = grads.detach()
+            weights = self.weigh((g @ g.T).double().cpu())
+            return weights.to(device=g.device, dtype=g.dtype) @ g, weights.to(device=g.device, dtype=g.dtype)
         weights = self.weigh(gramian(grads).cpu())
         return combine(weights, grads), weights.to(device=grads.device, dtype=grads.dtype)

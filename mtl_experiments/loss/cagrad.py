@@ -95,6 +95,8 @@ def cagrad_dual(
 class CAGrad(GramianAggregation):
     """``update = T·(g_0 + (c‖g_0‖/‖g_w*‖)·g_w*)/rescale`` (see the module docstring)."""
 
+    float64_sums = False  # K and the update in G's dtype, as before issue 17: the scale-free SLSQP solve stops at 1e-14
+
     def __init__(self, c: float = 0.4, rescale: int = 1, grad_source: str = "params"):
         super().__init__(grad_source=grad_source)
         self.c = checks.non_negative_number("loss.c", c, hint="the paper uses c in [0, 1)")

@@ -114,6 +114,8 @@ def newton(cos: Tensor, start: Tensor | None = None) -> tuple[Tensor, int, bool]
 class NashMTL(GramianAggregation):
     """``update = Σ_t α_t g_t`` with ``GGᵀα = 1/α`` (see the module docstring)."""
 
+    float64_sums = False  # K and the update in G's dtype, as before issue 17: the solve is on the cosines (float64)
+
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, grad_source: str = "params"):
         super().__init__(grad_source=grad_source)
         self.max_norm = checks.non_negative_number("loss.max_norm", max_norm, hint="0 disables the cap")

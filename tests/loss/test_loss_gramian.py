@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 
+from mtl_experiments.loss import base
 from mtl_experiments.loss.base import BLOCK, GramianAggregation, combine, gramian
 from mtl_experiments.loss.mgda import coordinates, min_norm_weights
 from mtl_experiments.loss.torchjd import TorchJD
@@ -27,6 +28,12 @@ TORCHJD_GRAMIAN = [
     for m in METHODS
     if isinstance(fresh(m, 2), TorchJD) and isinstance(fresh(m, 2).aggregator, GramianWeightedAggregator)
 ]
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Column blocks from one block's width on (the code's threshold is 512k columns: too wide for a unit test)."""
+    monkeypatch.setattr(base, "BLOCKED_ABOVE", BLOCK)
 
 
 def random_jacobian(seed: int, dtype: torch.dtype, columns: int | None = None) -> torch.Tensor:
@@ -47,7 +54,7 @@ def test_gramian_and_combine_by_hand():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_gramian_and_combine_equal_the_float64_copy(dtype):
+def test_blocked_gramian_and_combine_equal_the_float64_copy(dtype, blocks):
     """Over several column blocks, K and wᵀG equal those of ``G.double()`` to float64 rounding (the products of
     float32 entries are exact in float64), and the update is rounded to G's dtype once."""
     for seed in range(10):
@@ -82,7 +89,7 @@ def test_mgda_coordinates_from_the_gramian_are_the_qr_ones(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", GRAMIAN_METHODS)
-def test_gramian_path_equals_the_float64_copy_path(name, dtype):
+def test_gramian_path_equals_the_float64_copy_path(name, dtype, blocks):
     """``aggregate(G)`` (blocked K, ``weigh``, blocked wᵀG) = the previous path: K and the update from ``G.double()``
     in one piece, the same weighting; on random Jacobians, each call on a fresh instance (no state carried)."""
     for seed in range(8):
