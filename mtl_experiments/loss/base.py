@@ -133,6 +133,13 @@ BLOCK = 1 << 14
 BLOCKED_ABOVE = 1 << 19
 
 
+def for_sums(grads: Tensor) -> Tensor:
+    """G as ``gramian`` and ``combine`` read it: one float64 copy made here and used by both, or G itself when it is
+    wide enough to be summed over blocks (no copy at all)."""
+    grads = grads.detach()
+    return grads if grads.device.type == "cpu" and grads.shape[1] > BLOCKED_ABOVE else grads.to(torch.float64)
+
+
 def gramian(grads: Tensor) -> Tensor:
     """``K = G Gᵀ`` in float64, on G's device (the Gramian trick: the methods that need only K solve a T×T problem).
 
@@ -218,5 +225,6 @@ class GramianAggregation(GradientAggregation):
             g = grads.detach()
             weights = self.weigh((g @ g.T).double().cpu())
             return weights.to(device=g.device, dtype=g.dtype) @ g, weights.to(device=g.device, dtype=g.dtype)
-        weights = self.weigh(gramian(grads).cpu())
-        return combine(weights, grads), weights.to(device=grads.device, dtype=grads.dtype)
+        g = for_sums(grads)
+        weights = self.weigh(gramian(g).cpu())
+        return combine(weights, g).to(grads.dtype), weights.to(device=grads.device, dtype=grads.dtype)
