@@ -35,7 +35,7 @@ conflicting, so it never counts towards the conflict rate), and so is Φ_ij when
 Each quantity is a ``RunningMean`` (``metrics/running.py``) whose states are a float64 ``sum`` and a ``count``
 of measured steps (mean over steps; DDP reduces both by summation). Which gradients are taken, and how the
 metrics' columns are cut out of the step's one ``G``, is ``grads.py``'s business.
-``ConflictTracker`` bundles them for the module: per-step values to log, run-level and last-epoch means,
+``ConflictTracker`` bundles them for the module: per-step values to log, run-level and per-epoch means,
 and the small history the plots read.
 """
 
@@ -265,13 +265,13 @@ SCALARS = ("update_cosine", "worst_update_cosine")
 
 
 class ConflictTracker(nn.Module):
-    """All conflict metrics of one run, their per-step values, the last-epoch means and the history.
+    """All conflict metrics of one run, their per-step values, the per-epoch means and the history.
 
     Key names (agreed across the project): ``train/conflict/{cosine,magnitude,rate}/<a>-<b>``,
     ``train/grad_norm/<task>``, ``train/conflict/update_cosine``, ``train/conflict/worst_update_cosine``,
     ``train/conflict/affinity/<i>-<j>`` (i ≠ j), ``train/gate/entropy/<task>``,
-    ``train/gate/utilisation/<task>/e<k>``. The run-level summaries are ``conflict/mean/<name>`` and
-    ``conflict/last_epoch/<name>`` with <name> the per-step key without ``train/`` and ``conflict/``.
+    ``train/gate/utilisation/<task>/e<k>``. The run-level summaries are ``conflict/mean/<name>``, with <name> the
+    per-step key without ``train/`` and ``conflict/``.
     The rate logged per step is the running share so far. The low-noise estimators (``track``):
     ``{ema_cosine,accumulated_cosine}/<a>-<b>`` and ``layer_cosine/<layer>/<a>-<b>`` (summaries and per-epoch
     series only); ``layers``: (layer name, columns) of each shared parameter, in ``G``'s column order.
@@ -418,18 +418,16 @@ class ConflictTracker(nn.Module):
         self._epoch_start = {k: (m.sum.clone(), m.count.clone()) for k, m in self._all_metrics().items()}
 
     def summaries(self) -> dict[str, float]:
-        """``conflict/mean/<name>`` (all measured steps) and ``conflict/last_epoch/<name>`` (the last epoch's)."""
+        """``conflict/mean/<name>``: the mean over all measured steps. The last epoch's mean is not repeated as a
+        summary: it is the last point of the ``conflict/epoch/<name>`` series (a one-point copy of it was ~11
+        extra charts ahead of the curves in MLflow's Model metrics tab, issue 16)."""
         out: dict[str, float] = {}
         empty_last_epoch = False
         for key, m in self._all_metrics().items():
             if int(m.count) == 0:
                 continue
             out.update({f"conflict/mean/{k}": float(v) for k, v in self._names(key, m.sum / m.count).items()})
-            last = self._epoch_mean(key, m)
-            if last is None:
-                empty_last_epoch = True
-                continue
-            out.update({f"conflict/last_epoch/{k}": float(v) for k, v in self._names(key, last).items()})
+            empty_last_epoch |= self._epoch_mean(key, m) is None
         if empty_last_epoch:
             self.warn_unmeasured_last_epoch()
         return out
@@ -440,7 +438,7 @@ class ConflictTracker(nn.Module):
         on = [f"module.conflict.{k}={getattr(self.config, k)}" for k in keys if getattr(self.config, k) > 0]
         log.warning(
             "Some conflict metrics were not measured in the last training epoch (it has fewer steps than %s): "
-            "their conflict/last_epoch/* values are not logged; lower %s to get them.",
+            "the conflict/epoch/* series have no point for it; lower %s to get one.",
             " or ".join(on),
             "that setting" if len(on) == 1 else "those settings",
         )

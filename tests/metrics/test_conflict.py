@@ -104,7 +104,7 @@ def test_rate_and_means_over_several_steps():
     assert int(rate.count) == 4 and rate.sum.dtype == torch.float64  # sum/count states
 
 
-def test_tracker_step_values_summaries_and_last_epoch():
+def test_tracker_step_values_summaries_and_epoch_means():
     tracker = ConflictTracker(["a", "b", "c"], ConflictConfig(every_n_steps=1))
     g1 = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 2.0]])
     g2 = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
@@ -125,15 +125,16 @@ def test_tracker_step_values_summaries_and_last_epoch():
     second = tracker.update(g2, g2.sum(0), torch.ones(3), step=2)
     assert second["train/conflict/cosine/a-b"].item() == pytest.approx(1 / R2)
     assert second["train/conflict/rate/a-b"].item() == pytest.approx(0.5)  # the running share so far
-    s = tracker.summaries()
+    s, e = tracker.summaries(), tracker.epoch_means()
     assert s["conflict/mean/cosine/a-b"] == pytest.approx(0.0)
-    assert s["conflict/last_epoch/cosine/a-b"] == pytest.approx(1 / R2)
-    assert s["conflict/mean/rate/a-b"] == pytest.approx(0.5) and s["conflict/last_epoch/rate/a-b"] == 0.0
+    assert e["conflict/epoch/cosine/a-b"] == pytest.approx(1 / R2)
+    assert s["conflict/mean/rate/a-b"] == pytest.approx(0.5) and e["conflict/epoch/rate/a-b"] == 0.0
+    assert not any(k.startswith("conflict/last_epoch/") for k in s)  # the epoch series' last point says it
     assert s["conflict/mean/grad_norm/b"] == pytest.approx((R2 + R2) / 2)
     assert "conflict/mean/affinity/a-b" not in s  # never measured: not reported
     assert [step for step, _, _ in tracker.history] == [1, 2]
-    tracker.start_epoch()  # an epoch without a measured step: no last-epoch values (and a warning)
-    assert not any(k.startswith("conflict/last_epoch/") for k in tracker.summaries())
+    tracker.start_epoch()  # an epoch without a measured step: no epoch values (and a warning)
+    assert tracker.epoch_means() == {} and "conflict/mean/cosine/a-b" in tracker.summaries()
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_every_loss_method_gets_finite_conflict_metrics_from_one_gradient_call(l
     module, dm = make_module(load_weighting(loss), conflict={"every_n_steps": 1, "source": source})
     fit(module, dm, steps=2)
     assert len(count_task_gradients) == 2  # one call per step, whatever the method and the source need
-    summaries = module.conflict_tracker.summaries()
+    summaries = module.conflict_tracker.summaries() | module.conflict_tracker.epoch_means()
     assert len(summaries) == 2 * 7 and all(math.isfinite(v) for v in summaries.values()), summaries
     assert (
         -1 <= summaries["conflict/mean/worst_update_cosine"] <= summaries["conflict/mean/update_cosine"] + 1e-6 or True
@@ -269,12 +270,12 @@ class GatedSharedBottom(SharedBottom):
 def test_gate_entropy_and_expert_utilisation_of_a_mixture_backbone():
     module, dm = make_module(conflict={"every_n_steps": 1}, backbone_cls=GatedSharedBottom)
     fit(module, dm, steps=3)
-    s = module.conflict_tracker.summaries()
+    s = module.conflict_tracker.summaries() | module.conflict_tracker.epoch_means()
     entropy = -sum(p * math.log(p) for p in GatedSharedBottom.PROBS)
     for task in TASKS:
         assert s[f"conflict/mean/gate/entropy/{task}"] == pytest.approx(entropy, rel=1e-6)
         for k, p in enumerate(GatedSharedBottom.PROBS):
-            assert s[f"conflict/last_epoch/gate/utilisation/{task}/e{k}"] == pytest.approx(p, rel=1e-6)
+            assert s[f"conflict/epoch/gate/utilisation/{task}/e{k}"] == pytest.approx(p, rel=1e-6)
     with pytest.raises(ConfigError, match="module.conflict.source=representation needs a backbone"):
         make_module(conflict={"source": "representation"}, backbone_cls=GatedSharedBottom)
 
@@ -338,7 +339,7 @@ def test_conflict_metrics_summaries_and_plots_land_in_mlflow(make_cfg, mlflow_ru
     for name in ("affinity/y1-y2", "affinity/y2-y1"):
         history = client.get_metric_history(run.info.run_id, f"train/conflict/{name}")
         assert [h.step for h in history] == list(range(9, 75, 10))
-    for summary in ("mean", "last_epoch"):
+    for summary in ("mean", "epoch"):
         for name in [k.removeprefix("train/").removeprefix("conflict/") for k in per_step] + ["affinity/y1-y2"]:
             assert f"conflict/{summary}/{name}" in m, (summary, name)
     assert m["conflict/mean/rate/y1-y2"] == m["train/conflict/rate/y1-y2"]  # the running share at the end

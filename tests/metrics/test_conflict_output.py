@@ -101,9 +101,9 @@ def test_tracker_skips_pairs_without_one_output_per_sample_and_keeps_the_initial
         labels["c"] = torch.randint(0, 3, (8,), generator=gen)
         tracker.track_outputs(tasks, outputs, labels, {})
         values.append(cos_ab(outputs, labels, tasks={"a": tasks["a"], "b": tasks["b"]}))
-    s = tracker.summaries()
+    s = tracker.summaries() | tracker.epoch_means()
     assert {k for k in s if "output_cosine" in k} == {
-        f"conflict/{w}/{e}/a-b" for w in ("mean", "last_epoch") for e in ("output_cosine", "initial_output_cosine")
+        f"conflict/{w}/{e}/a-b" for w in ("mean", "epoch") for e in ("output_cosine", "initial_output_cosine")
     }
     assert s["conflict/mean/output_cosine/a-b"] == pytest.approx(sum(values) / 3, abs=1e-9)
     assert s["conflict/mean/initial_output_cosine/a-b"] == pytest.approx(sum(values[:2]) / 2, abs=1e-9)
