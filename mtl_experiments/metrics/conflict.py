@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.grads import GRAD_SOURCES
+from mtl_experiments.grads import GRAD_SOURCES, gather_batch
 from mtl_experiments.metrics.conflict_averaged import GradientAverages, batched_cosine
 from mtl_experiments.metrics.conflict_output import OutputCosine, output_residuals
 from mtl_experiments.metrics.running import RunningMean
@@ -372,6 +372,8 @@ class ConflictTracker(nn.Module):
         """One tracked step's function-space cosines (``conflict_output.py``) from the tasks' outputs, labels and
         label masks (``tasks``: name -> task with ``loss``, in config order); nothing logged."""
         residuals, label_masks, self.scalar_tasks = output_residuals(tasks, outputs, labels, masks)
+        # the global batch's rows (DDP): every rank then computes what one process computes on the whole batch
+        residuals, label_masks = gather_batch(residuals.T).T, gather_batch(label_masks.T).T
         if sum(self.scalar_tasks) < 2:  # no pair of one-output-per-sample tasks: no value
             return
         if int(self.metrics["initial_output_cosine"].count) < self.config.initial_steps:

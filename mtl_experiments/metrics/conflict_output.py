@@ -21,8 +21,9 @@ Computed from the outputs alone (each task's loss re-evaluated on its detached o
 with respect to them): no backward through the model. Defined for tasks with one output per sample (binary,
 regression); a pair with a multiclass or retrieval task (an output vector per sample, a different output space)
 has no value and is skipped. A pair with no row labelled for both tasks in a batch gets 0 there (the conflict
-metrics' zero-vector convention). Under DDP each process computes it from its own share of the global batch and
-the summary logged is rank 0's (the estimate over 1/world of the rows: the other ranks' values are not gathered).
+metrics' zero-vector convention). Under DDP the ranks' per-row residuals are gathered (``grads.gather_batch``), so
+every rank computes the global batch's cosine, the value one process computes on that batch. δ is kept per row
+(the mean's 1/n multiplied back) so that rows of ranks with different labelled counts weigh alike.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def output_residuals(
     masks: Mapping[str, Tensor | None],
 ) -> tuple[Tensor, Tensor, list[bool]]:
     """``(D[T, B], M[T, B], scalar[T])`` in ``tasks``' order (each has ``loss(output, target)``): δ_t = ∂L_t/∂ŷ_t per
-    row (0 on rows without task t's label), the label masks as floats, and whether task t has one output per sample
-    (the rows of the others are all 0)."""
+    row, the mean's 1/n multiplied back (0 on rows without task t's label), the label masks as floats, and whether
+    task t has one output per sample (the rows of the others are all 0)."""
     first = next(iter(outputs.values()))
     b, device = len(first), first.device
     d = torch.zeros(len(tasks), b, dtype=torch.float64, device=device)
@@ -61,7 +62,8 @@ def output_residuals(
         leaf = (out if out.dtype in (torch.float32, torch.float64) else out.float()).requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(task.loss(leaf[mask], labels[name][mask]), leaf)
-        d[t] = grad.reshape(b).double()
+        # × n: the per-row derivative of a mean loss, comparable across ranks whose labelled counts differ
+        d[t] = grad.reshape(b).double() * int(mask.sum())
         m[t] = mask.double()
     return d, m, scalar
 

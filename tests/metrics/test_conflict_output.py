@@ -37,7 +37,27 @@ def test_output_cosine_by_hand():
     masks = {"b": torch.tensor([True, True, True, False])}
     assert cos_ab(outputs, {"a": ya, "b": yb}, masks) == pytest.approx(1 / 3, abs=1e-7)
     d, _, _ = output_residuals(TASKS, outputs, {"a": ya, "b": yb}, masks)
-    assert d[1].tolist() == pytest.approx([-0.5 / 3, -0.5 / 3, -0.5 / 3, 0.0])  # (σ(z) − y) / n, 0 unlabelled
+    assert d[1].tolist() == pytest.approx([-0.5, -0.5, -0.5, 0.0])  # per row σ(z) − y (n·(σ − y)/n), 0 unlabelled
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_residuals_of_two_shards_concatenated_give_the_whole_batch_cosine(seed):
+    """What DDP gathers: each rank's per-row residuals, the two ranks' labelled counts differing, concatenated,
+    give the cosine one process computes on the whole batch (the 1/n of each rank's mean is multiplied back)."""
+    gen = torch.Generator().manual_seed(seed)
+    outputs = {"a": torch.randn(16, 1, generator=gen), "b": torch.randn(16, 1, generator=gen)}
+    labels = {"a": torch.randint(0, 2, (16,), generator=gen).float(), "b": torch.randn(16, generator=gen)}
+    masks = {"b": torch.rand(16, generator=gen) < 0.5}
+    masks["b"][[0, 8]] = True  # a labelled row on each shard
+    tasks = {"a": BinaryTask("a"), "b": RegressionTask("b")}
+    whole = output_residuals(tasks, outputs, labels, masks)
+    halves = [
+        output_residuals(tasks, *({k: v[rows] for k, v in x.items()} for x in (outputs, labels, masks)))
+        for rows in (slice(0, 8), slice(8, 16))
+    ]
+    d, m = torch.cat([h[0] for h in halves], dim=1), torch.cat([h[1] for h in halves], dim=1)
+    # float32 residuals: the 1/n and ×n round at float32's precision
+    torch.testing.assert_close(output_cosine(d, m), output_cosine(whole[0], whole[1]), atol=1e-6, rtol=0)
 
 
 def test_no_common_row_and_unlabelled_task_give_zero():
