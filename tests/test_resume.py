@@ -191,7 +191,10 @@ def test_resume_around_an_epoch_end(crash, checkpoint_step, make_cfg, tmp_path):
 
 
 # dwa: test_resume_around_an_epoch_end; stch leaves its warm-up (the reference point) after epoch 1
-STATEFUL = ["uncertainty", "gradnorm", "famo", "rlw", "stch:loss.warmup_epochs=1", "moco", "excess_mtl", "db_mtl"]
+STATEFUL = [
+    *("uncertainty", "gradnorm", "famo", "rlw", "stch:loss.warmup_epochs=1", "moco", "excess_mtl", "db_mtl"),
+    *("mgda", "upgrad", "cagrad", "nash_mtl", "fairgrad"),  # warm-started solvers: their last solution is state
+]
 
 
 @pytest.mark.parametrize("spec", STATEFUL)
