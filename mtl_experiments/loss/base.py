@@ -168,6 +168,14 @@ def combine(weights: Tensor, grads: Tensor) -> Tensor:
     return out
 
 
+def gramian_update(grads: Tensor, weigh: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``(wᵀG, w)`` with ``w = weigh(K)`` from the float64 Gramian on the CPU: the Gramian trick's one path (K and
+    wᵀG summed in float64 from one ``for_sums`` view of G), returned in G's dtype and device."""
+    g = for_sums(grads)
+    weights = weigh(gramian(g).cpu())
+    return combine(weights, g).to(grads.dtype), weights.to(device=grads.device, dtype=grads.dtype)
+
+
 class GradientAggregation(Weighting):
     """Methods that aggregate the per-task gradients into one update (TorchJD's "aggregator").
 
@@ -225,6 +233,4 @@ class GramianAggregation(GradientAggregation):
             g = grads.detach()
             weights = self.weigh((g @ g.T).double().cpu())
             return weights.to(device=g.device, dtype=g.dtype) @ g, weights.to(device=g.device, dtype=g.dtype)
-        g = for_sums(grads)
-        weights = self.weigh(gramian(g).cpu())
-        return combine(weights, g).to(grads.dtype), weights.to(device=grads.device, dtype=grads.dtype)
+        return gramian_update(grads, self.weigh)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.loss.base import GradientAggregation, combine, effective_weights, for_sums, gramian
+from mtl_experiments.loss.base import GradientAggregation, effective_weights, gramian_update
 
 
 class TorchJD(GradientAggregation):
@@ -58,9 +58,7 @@ class TorchJD(GradientAggregation):
             # in float64: TorchJD's cut-offs use the Jacobian's machine epsilon (Aligned-MTL's rank cut-off at
             # T·eps·λ_max drops a float32 component once two norms differ by ~1e3: issue 14)
             if isinstance(self.aggregator, GramianWeightedAggregator):  # weights from the T×T Gramian alone
-                g = for_sums(grads)
-                weights = self.aggregator.gramian_weighting(gramian(g).cpu())
-                return combine(weights, g).to(grads.dtype), weights.to(device=grads.device, dtype=grads.dtype)
+                return gramian_update(grads, self.aggregator.gramian_weighting)
             g = grads.detach().to(torch.float64)
             if isinstance(self.aggregator, WeightedAggregator):
                 weights = self.aggregator.weighting(g)
