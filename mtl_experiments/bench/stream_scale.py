@@ -11,9 +11,15 @@ For each size N (``--rows``, default 1M and 10M) the log is written once by ``sc
   up to ``MEMORY_MAX_ROWS`` (about 280 bytes per row per process: 100M rows would need ~28 GB).
 
 Both train the default model (``backbone=shared_bottom``, the four default tasks, batch 512) for ``--steps``
-steps (default 300) on a bare CPU trainer: samples/s = steps x batch / the wall time of ``fit`` (data loading
-included: that is what streaming costs). Peak RSS = the process's peak resident set size plus the largest peak
-of its DataLoader workers (they are separate processes); set-up time = datamodule construction and ``setup``.
+steps (default 300) on a bare CPU trainer. Three clocks (``SteadyClock``), data loading included in each (that is
+what streaming costs): ``samples_per_s`` = steps x batch / the wall time of ``fit`` (start-up charged to it);
+``first_batch_s`` = from calling ``fit`` to the first step's start (the stream forks its workers and fills their
+shuffle buffers then); ``steady_samples_per_s`` = the batches after the first ``warmup`` steps (the same k for both
+contenders) / the wall time from the end of step k to the end of the last step. ``cpu_ms_per_step`` (the trainer
+process) and ``worker_cpu_ms_per_step`` (its DataLoader workers together, reaped when ``fit`` ends) say where the
+CPU time went: on a machine with fewer free cores than processes they compete. Peak RSS = the process's peak
+resident set size plus the largest peak of its DataLoader workers (separate processes); set-up time = datamodule
+construction and ``setup``.
 Goals (issue 13): stream peak RSS flat in N (largest / smallest <= 1.2) and < 3 GB; stream samples/s >= 0.8 x the
 in-memory path at 10M rows; statistics pass >= 1M rows/s. Run with ``OMP_NUM_THREADS=1`` for the docs' figures.
 """
@@ -21,6 +27,7 @@ in-memory path at 10M rows; statistics pass >= 1M rows/s. Run with ``OMP_NUM_THR
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 from rich.console import Console
 from rich.table import Table
 
@@ -39,6 +47,7 @@ from mtl_experiments.errors import ConfigError
 MODULE = "mtl_experiments.bench.stream_scale"
 WORLD = {"num_users": 100_000, "num_items": 20_000}
 BATCH = 512
+WARMUP_STEPS = 50  # steps left out of the steady-state figure (at most half the run)
 MEMORY_MAX_ROWS = 20_000_000  # the largest log the in-memory path is measured at (2.8 GB at 10M rows)
 
 
@@ -77,10 +86,39 @@ def overrides_for(mode: str, rows: int, log: str, workers: int, cache: str) -> l
     ]
 
 
+class SteadyClock(pl.Callback):
+    """Marks the start of ``fit``, the first step's start, the end of step ``warmup`` and the last step's end."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.steps = warmup, 0
+        self.begin = self.first = self.after_warmup = self.end = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.begin = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+        self.end = time.perf_counter()
+        if self.steps == self.warmup:
+            self.after_warmup = self.end
+
+    def figures(self, batch: int) -> dict:
+        """``first_batch_s`` and ``steady_samples_per_s`` (the steps after ``warmup``, full batches of ``batch``)."""
+        steady = (self.steps - self.warmup) * batch / (self.end - self.after_warmup)
+        return {"first_batch_s": self.first - self.begin, "steady_samples_per_s": steady, "warmup": self.warmup}
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure_one(mode: str, rows: int, log: str, steps: int, workers: int) -> dict:
     """One contender in this (fresh) process: set-up seconds, pass rows/s (stream), samples/s, peak MB."""
-    import lightning.pytorch as pl
-
     from mtl_experiments.bench.build import bare_trainer, compose_config
     from mtl_experiments.pipeline import build, build_model, build_module
 
@@ -92,15 +130,22 @@ def measure_one(mode: str, rows: int, log: str, steps: int, workers: int) -> dic
         datamodule.setup()
         setup_s = time.perf_counter() - start
         module = build_module(cfg, datamodule, build_model(cfg, datamodule))
-        trainer = bare_trainer(1, limit_train_batches=steps)
+        clock = SteadyClock(min(WARMUP_STEPS, steps // 2))
+        trainer = bare_trainer(1, callbacks=[clock], limit_train_batches=steps)
+        cpu = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_s = time.perf_counter() - start
+        cpu = cpu_seconds(resource.RUSAGE_SELF) - cpu[0], cpu_seconds(resource.RUSAGE_CHILDREN) - cpu[1]
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "setup_s": setup_s,
         "pass_rows_per_s": rows / setup_s if mode == "stream" else None,
         "samples_per_s": steps * BATCH / fit_s,
+        **clock.figures(BATCH),
+        "cpu_ms_per_step": 1e3 * cpu[0] / steps,
+        "worker_cpu_ms_per_step": 1e3 * cpu[1] / steps,
+        "load_average": os.getloadavg()[0],
         "peak_mb": peak_rss_mb() + (children if mode == "stream" and workers else 0.0),
     }
 
@@ -118,15 +163,26 @@ def parse_rows(rows: str) -> list[int]:
 def report(result: dict) -> None:
     table = Table(
         title=f"data=stream vs in-memory recsys_synthetic: {result['steps']} steps of {BATCH}, "
-        f"{result['workers']} stream worker(s), median of {result['repeats']} round(s)"
+        f"{result['workers']} stream worker(s), median of {result['repeats']} round(s); steady: after "
+        f"{min(WARMUP_STEPS, result['steps'] // 2)} steps"
     )
-    for column in ("rows", "mode", "peak RSS MB", "samples/s", "set-up s", "pass rows/s"):
+    columns = ("rows", "mode", "peak RSS MB", "samples/s (fit)", "steady samples/s", "first batch s", "set-up s")
+    for column in (*columns, "pass rows/s", "CPU ms/step main | workers", "load"):
         table.add_column(column, justify="right")
     for key, r in result["runs"].items():
         mode, rows = key.split("@")
         rate = f"{r['pass_rows_per_s']:,.0f}" if r["pass_rows_per_s"] else ""
         table.add_row(
-            f"{int(rows):,}", mode, f"{r['peak_mb']:.0f}", f"{r['samples_per_s']:,.0f}", f"{r['setup_s']:.1f}", rate
+            f"{int(rows):,}",
+            mode,
+            f"{r['peak_mb']:.0f}",
+            f"{r['samples_per_s']:,.0f}",
+            f"{r['steady_samples_per_s']:,.0f}",
+            f"{r['first_batch_s']:.2f}",
+            f"{r['setup_s']:.1f}",
+            rate,
+            f"{r['cpu_ms_per_step']:.1f} | {r['worker_cpu_ms_per_step']:.1f}",
+            f"{r['load_average']:.1f}",
         )
     Console(width=140).print(table)
     for name, value in result["ratios"].items():
@@ -159,8 +215,12 @@ def run(rows: str, steps: int, workers: int, repeats: int, log_dir: Path, overri
     }
     held = max((n for n in sizes if n <= MEMORY_MAX_ROWS), default=None)
     if held is not None:
+        stream, memory = med[f"stream@{held}"], med[f"memory@{held}"]
         ratios[f"stream / in-memory samples/s at {held:,} rows (goal >= 0.8)"] = (
-            med[f"stream@{held}"]["samples_per_s"] / med[f"memory@{held}"]["samples_per_s"]
+            stream["samples_per_s"] / memory["samples_per_s"]
+        )
+        ratios[f"stream / in-memory steady samples/s at {held:,} rows (goal >= 0.8)"] = (
+            stream["steady_samples_per_s"] / memory["steady_samples_per_s"]
         )
     result = {"sizes": sizes, "steps": steps, "workers": workers, "repeats": repeats, "runs": med, "ratios": ratios}
     report(result)
