@@ -4,9 +4,10 @@ and ``resume=<run id | checkpoint path>`` turned into the checkpoint and MLflow 
 A Lightning checkpoint holds the model, optimizer and scheduler states, the loops' progress, the
 callbacks' states (best score, early-stopping patience), the train loader's position
 (``TensorBatchLoader.state_dict``) and what ``MTLModule.on_save_checkpoint`` adds (RNG states, the
-epoch's train outputs so far, the MLflow run id). The weighting's state (learned weights, histories,
-inner optimisers, generators) is part of the module's ``state_dict``. Everything in it is tensors and
-plain containers, so it is loaded with ``torch.load(weights_only=True)``: no pickled code runs.
+epoch's train metric states and the rows kept since their last update, the MLflow run id). The weighting's
+state (learned weights, histories, inner optimisers, generators) is part of the module's ``state_dict``.
+Everything in it is tensors and plain containers, so it is loaded with ``torch.load(weights_only=True)``: no
+pickled code runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torchmetrics import MetricCollection
+from torchmetrics.utilities.data import dim_zero_cat
 
 from mtl_experiments.errors import ConfigError, StorageError
 
@@ -257,25 +260,59 @@ def module_state(
     nonfinite: Sequence[int],
     config: str | None,
     meta: dict[str, Any] | None = None,
+    train_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``checkpoint["mtl"]``: the MLflow run id (``RUN_ID_KEY``), the RNG states, this epoch's train outputs so far
-    (``{"outputs", "batch"}``, for the epoch's train metrics), the non-finite step counts ``[skipped, streak]``,
-    the run's resolved config (YAML) and ``meta``'s items (the run's identity, set by the pipeline)."""
+    """``checkpoint["mtl"]``: the MLflow run id (``RUN_ID_KEY``), the RNG states, the epoch's train metrics so far
+    (``train_metrics``: their states, ``metric_states``; ``train_outputs``: the rows kept since their last update,
+    ``{"outputs", "batch"}``, fewer than ``kept_outputs.FLUSH_ROWS``), the non-finite step counts ``[skipped,
+    streak]``, the run's resolved config (YAML) and ``meta``'s items (the run's identity, set by the pipeline)."""
     return {
         "mlflow_run_id": run_id,
         "rng": rng_state(),
         "train_outputs": train_outputs,
+        "train_metrics": train_metrics,
         "nonfinite": list(nonfinite),
         "config": config,
         **(meta or {}),
     }
 
 
-def train_outputs_on(state: dict[str, Any], device: torch.device) -> list[tuple[dict, dict]]:
-    """The saved epoch's train outputs of ``module_state`` as the module keeps them (one entry), on ``device``."""
-    outputs = state.get("train_outputs")
-    if not outputs:
-        return []
-    batch = {k: v.to(device) for k, v in outputs["batch"].items() if k != "labels"}
-    batch["labels"] = {n: t.to(device) for n, t in outputs["batch"]["labels"].items()}
-    return [({n: t.to(device) for n, t in outputs["outputs"].items()}, batch)]
+def metric_states(collections: Mapping[str, MetricCollection]) -> dict[str, Any]:
+    """``{task: {"updated": bool, "states": {metric: {state: tensor or [tensor]}}}}``: the torchmetrics states of
+    one metric set (copies; a list state concatenated into one tensor), weights_only-loadable."""
+    out = {}
+    for task, metrics in collections.items():
+        states = {}
+        for name, metric in metrics.items():
+            states[name] = {
+                k: ([dim_zero_cat(v).clone()] if v else []) if isinstance(v, list) else v.clone()
+                for k, v in metric.metric_state.items()
+            }
+        updated = any(metric.update_called for _, metric in metrics.items())
+        out[task] = {"updated": updated, "states": states}
+    return out
+
+
+def load_metric_states(
+    collections: Mapping[str, MetricCollection], saved: Mapping[str, Any] | None, device: torch.device
+) -> set[str]:
+    """Set what ``metric_states`` saved on ``device`` (each state assigned, so the values are exactly the saved
+    ones); returns the tasks whose metrics had been updated (torchmetrics' ``update_called`` is not restored)."""
+    if not saved:
+        return set()
+    for task, metrics in collections.items():
+        for name, metric in metrics.items():
+            metric.reset()
+            for k, v in saved[task]["states"][name].items():
+                setattr(metric, k, [t.to(device) for t in v] if isinstance(v, list) else v.to(device))
+    return {task for task, entry in saved.items() if entry["updated"]}
+
+
+def compute(metrics: MetricCollection) -> dict[str, Any]:
+    """``metrics.compute()`` of states ``load_metric_states`` set and no ``update()`` has changed since, without
+    torchmetrics' warning that ``update()`` was not called."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+        return metrics.compute()

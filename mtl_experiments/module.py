@@ -29,7 +29,7 @@ batch (the ranks' shares together), so every rank applies the same update and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,6 +41,7 @@ from mtl_experiments import checkpoints, checks, grads
 from mtl_experiments.divergence import DivergenceConfig, DivergenceDetector, global_norm
 from mtl_experiments.errors import ConfigError, NonFiniteLossError
 from mtl_experiments.grads import gather_batch, global_losses, lookahead_affinity, mean_over_ranks, world_size
+from mtl_experiments.kept_outputs import KeptOutputs
 from mtl_experiments.loss.base import Weighting
 from mtl_experiments.metrics.conflict import ConflictConfig, ConflictTracker
 from mtl_experiments.model import MultiTaskModel
@@ -130,7 +131,9 @@ class MTLModule(pl.LightningModule):
         # sparse id tables (features.sparse=true): an optimizer or clipping that cannot take their gradients fails now
         check_sparse_training(model, optimizer, self.gradient_clip_val, gradient_clip_algorithm)
         self.train_metrics = checks.boolean("module.train_metrics", train_metrics)
-        self._train_outputs = []
+        # the rows since the train metrics' last update, which it makes every kept_outputs.FLUSH_ROWS rows
+        self._train_outputs = KeptOutputs(list(self.tasks), self._update_train_metrics)
+        self._train_restored: set[str] = set()  # tasks whose train metric states came from a checkpoint
         self.weighting.setup(self.tasks, model)
         self._shares_parameters = bool(model.shared_parameters())
         if weighting.needs_task_grads and not self._shares_parameters:
@@ -295,9 +298,8 @@ class MTLModule(pl.LightningModule):
         opt.step()
         self.step_weighting.after_optimizer_step(losses.detach())
         self._step_scheduler("step")
-        if self.train_metrics:  # kept as tensors; metrics are updated once per epoch (cheaper than per step)
-            kept = {"labels": batch["labels"], **{k: batch[k] for k in ("user_id", "item_id") if k in batch}}
-            self._train_outputs.append(({n: o.detach() for n, o in outputs.items()}, kept))
+        if self.train_metrics:  # kept as tensors; the metrics are updated every FLUSH_ROWS rows (cheaper than per step)
+            self._train_outputs.append(outputs, batch)
         norms_of = task_grads if plan.weighting_norms else None
         self._log_step(losses.detach(), weights, norms_of, measured, step, batch["labels"])
 
@@ -467,21 +469,24 @@ class MTLModule(pl.LightningModule):
     # -- checkpoints (what resume= restores beyond Lightning's own state; mtl_experiments/checkpoints.py) ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Adds ``checkpoint["mtl"]`` (``checkpoints.module_state``): the MLflow run id, the RNG states, this
-        epoch's train outputs so far, the non-finite step counts, the run's config and ``checkpoint_meta``; the
-        divergence detector's state. Refuses to save non-finite parameters (``checkpoints.check_finite_parameters``
-        raises), so no NaN model overwrites ``last.ckpt`` or the best checkpoint."""
+        epoch's train metric states and the rows kept since their last update, the non-finite step counts, the run's
+        config and ``checkpoint_meta``; the divergence detector's state. Refuses to save non-finite parameters
+        (``checkpoints.check_finite_parameters`` raises), so no NaN model overwrites ``last.ckpt`` or the best one.
+        The kept rows are saved as they are, not folded into the metrics: the metrics' chunks, hence a run's train
+        metric values, do not depend on when checkpoints were written."""
         checkpoints.check_finite_parameters(self.named_parameters(), self.global_step)
-        outputs = None
-        # under DDP only rank 0's checkpoint is written, so its outputs would stand for every rank's: not kept
-        if self._train_outputs and self.trainer.world_size == 1:
-            outputs, batch = self._epoch_train_outputs()
-            outputs = {"outputs": outputs, "batch": batch}
+        outputs = metrics = None
+        # under DDP only rank 0's checkpoint is written, so its train metrics would stand for every rank's: not kept
+        if self.train_metrics and self.trainer.world_size == 1:
+            outputs = self._train_outputs.state()
+            metrics = checkpoints.metric_states(self.task_metrics["on_train"])
         state = checkpoints.module_state(
             checkpoints.logger_run_id(self.loggers),
             outputs,
             [self.nonfinite_skipped, self._nonfinite_streak],
             self.run_config,
             self.checkpoint_meta,
+            metrics,
         )
         if self.divergence is not None:
             state["divergence"] = self.divergence.state_dict()
@@ -492,20 +497,19 @@ class MTLModule(pl.LightningModule):
         if not state or self._trainer is None or self.trainer.state.fn != "fit":
             return  # loading the best weights for testing is not resuming
         checkpoints.set_rng_state(state["rng"])
-        self._train_outputs = checkpoints.train_outputs_on(state, self.device)
+        if self.trainer.world_size == 1:  # (a DDP checkpoint holds none)
+            self._train_outputs.load(state.get("train_outputs"), self.device)
+            saved = state.get("train_metrics")
+            self._train_restored = checkpoints.load_metric_states(self.task_metrics["on_train"], saved, self.device)
         self.nonfinite_skipped, self._nonfinite_streak = (int(x) for x in state["nonfinite"])
         if self.divergence is not None and "divergence" in state:
             self.divergence.load_state_dict(state["divergence"])
 
-    def _epoch_train_outputs(self) -> tuple[dict[str, Tensor], dict]:
-        """This epoch's kept train outputs and batches so far, concatenated: (outputs, batch)."""
-        steps = self._train_outputs
-        batch = {k: torch.cat([b[k] for _, b in steps]) for k in steps[0][1] if k != "labels"}
-        batch["labels"] = {n: torch.cat([b["labels"][n] for _, b in steps]) for n in self.tasks}
-        return {n: torch.cat([out[n] for out, _ in steps]) for n in self.tasks}, batch
+    def _update_train_metrics(self, outputs: dict[str, Tensor], batch: dict) -> None:
+        self._update_metrics(self.task_metrics["on_train"], outputs, batch)
 
     def on_train_epoch_start(self) -> None:
-        self._train_outputs: list[tuple[dict[str, Tensor], dict]] = []
+        self._train_outputs.clear()
         if self.conflict_tracker is not None:
             self.conflict_tracker.start_epoch()
 
@@ -551,13 +555,15 @@ class MTLModule(pl.LightningModule):
             # values; sync_dist's mean of equal values keeps them (and silences Lightning's warning)
             self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
-    def _compute_metrics(self, key: str, prefix: str) -> dict[str, Tensor]:
-        """``{prefix}<task>/<metric>`` and ``{prefix}mean_<metric>`` of one metric set, which is then reset."""
+    def _compute_metrics(self, key: str, prefix: str, restored: Collection[str] = ()) -> dict[str, Tensor]:
+        """``{prefix}<task>/<metric>`` and ``{prefix}mean_<metric>`` of one metric set, which is then reset; a task
+        is left out when nothing updated its metrics (``restored``: tasks whose states a checkpoint set)."""
         values, by_metric = {}, {}
         for name, metrics in self.task_metrics[f"on_{key}"].items():
-            if not metrics[next(iter(metrics.keys()))].update_called:
+            updated = metrics[next(iter(metrics.keys()))].update_called
+            if not updated and name not in restored:
                 continue
-            for metric_name, value in metrics.compute().items():
+            for metric_name, value in (metrics.compute() if updated else checkpoints.compute(metrics)).items():
                 values[f"{prefix}{name}/{metric_name}"] = value.float()
                 by_metric.setdefault(metric_name, []).append(value.float())
             metrics.reset()
@@ -567,11 +573,11 @@ class MTLModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         values: dict[str, Tensor | float] = {}
-        if self.train_metrics and self._train_outputs:
-            self._update_metrics(self.task_metrics["on_train"], *self._epoch_train_outputs())
-            self._train_outputs = []
+        if self.train_metrics:
+            self._train_outputs.flush()
             # written with the counters below, in one store write, not through self.log (~1 ms per key and call)
-            values.update(self._compute_metrics("train", "train/"))
+            values.update(self._compute_metrics("train", "train/", self._train_restored))
+            self._train_restored = set()
         self.step_weighting.on_train_epoch_end(self.current_epoch)
         self._step_scheduler("epoch")
         if self.divergence is not None:

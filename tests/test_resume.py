@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from mtl_experiments import kept_outputs
 from mtl_experiments.checkpoints import load
 from mtl_experiments.data.base import TensorBatchLoader
 from mtl_experiments.errors import ConfigError
@@ -123,9 +124,11 @@ def test_loader_continues_mid_epoch_with_the_same_batches():
         other.load_state_dict(state)
 
 
-def test_crashed_run_resumes_by_run_id_on_another_machine(make_cfg, mlflow_runs, tracking_uri, tmp_path):
+def test_crashed_run_resumes_by_run_id_on_another_machine(make_cfg, mlflow_runs, tracking_uri, tmp_path, monkeypatch):
     """last.ckpt and the best checkpoint uploaded to MLflow; the run's folder lost (another machine):
-    resume=<run id> downloads them and continues the same MLflow run exactly."""
+    resume=<run id> downloads them and continues the same MLflow run exactly. The train metrics are updated every
+    200 rows (4 steps), so the checkpoint (step 35: epoch 1's 10th step) holds their states and 2 steps' rows."""
+    monkeypatch.setattr(kept_outputs, "FLUSH_ROWS", 200)
     ref_dir, run_dir, other = tmp_path / "reference", tmp_path / "run", tmp_path / "other"
     train(make_cfg(*RESUMABLE, "experiment_name=reference", f"paths.output_dir={ref_dir}"))
     crash = ["+callbacks.crash._target_=tests.test_resume.CrashAt", "+callbacks.crash.step=40"]
@@ -136,6 +139,8 @@ def test_crashed_run_resumes_by_run_id_on_another_machine(make_cfg, mlflow_runs,
     run_id = next(r.info.run_id for r in mlflow_runs() if r.data.params["experiment_name"] != "reference")
     ref_id = next(r.info.run_id for r in mlflow_runs() if r.data.params["experiment_name"] == "reference")
     assert client.get_run(run_id).info.status == "FAILED"
+    state = load(run_dir / "checkpoints" / "last.ckpt")["mtl"]
+    assert len(state["train_outputs"]["batch"]["labels"]["y1"]) == 128 and state["train_metrics"]["y1"]["updated"]
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
         "checkpoints/last.ckpt",
         "checkpoints/best.ckpt",
