@@ -121,8 +121,8 @@ def _existing(out: Path, spec: str) -> list[dict]:
     return [torch.load(p, weights_only=False) for p in paths if p.exists()]
 
 
-def test_train_py_under_ddp_writes_one_mlflow_run_from_rank_zero(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_train_py_under_ddp_writes_one_mlflow_run_from_rank_zero(tmp_path, tracking_uri):
+    uri = tracking_uri
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),

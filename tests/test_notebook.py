@@ -14,7 +14,7 @@ NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "mtl-experiments-test"
 
 
-def test_notebook_runs_against_a_tiny_sweep(tmp_path, monkeypatch):
+def test_notebook_runs_against_a_tiny_sweep(tmp_path, monkeypatch, empty_store):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -24,7 +24,7 @@ def test_notebook_runs_against_a_tiny_sweep(tmp_path, monkeypatch):
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    store = make_store(tmp_path)  # includes weight and conflict-cosine histories
+    store = make_store(tmp_path, empty_store)  # includes weight and conflict-cosine histories
     # the kernel inherits this environment; the notebook's first cell reads it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     monkeypatch.setenv("MTL_EXPERIMENT", EXPERIMENT)

@@ -11,11 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from mtl_experiments import run_checkpoint, tracking
 from mtl_experiments.errors import ConfigError
+from tests.conftest import fresh_store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(tmp_path_factory, empty_store):
+    uri = fresh_store(empty_store, tmp_path_factory.mktemp("store") / "mlflow.db")
     client = MlflowClient(uri)
     return client, uri, client.create_experiment("finder")
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mtl_experiments import tracking
 from mtl_experiments.pipeline import train
 from mtl_experiments.sweep import FAILED_JOB_TAG, FAILED_OVERRIDES_TAG, SUMMARY_ARTIFACT, MLflowSweepCallback
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, fresh_store
 
 # The smallest sweep job that still trains, validates, checkpoints and tests (about 2 s each).
 SMALL = ["debug=fast", "data.num_samples=800", "data.input_dim=8", "trainer.max_epochs=1", "~callbacks.progress_bar"]
@@ -97,13 +97,13 @@ def summary_artifact(uri: str, run_id: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp_path):
+def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp_path, empty_store):
     """Basic launcher, 4 jobs: two fail before their run exists (resume= names no checkpoint: found after the config
     check, which refuses a sweep with a bad value whole, see the test below),
     one fails in training with a FAILED run (lr=1e30 makes the loss NaN at the first step), one finishes.
     Hydra runs every job of the batch, then re-raises the first failure (exit code != 0), so the parent
     is ended and summarised by the callback's atexit handler."""
-    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    uri = fresh_store(empty_store, tmp_path / "env.db")
     missing = str(tmp_path / "none.ckpt")
     proc = multirun(tmp_path, f"resume={missing},null", "optimizer.lr=1e30,0.001", tracking_uri=uri)
     assert proc.returncode != 0
@@ -140,10 +140,10 @@ def test_failed_jobs_do_not_lose_the_others_and_are_summarised_on_the_parent(tmp
     assert "failed job #2 [resume=null optimizer.lr=1e+30] (run " in proc.stderr
 
 
-def test_a_sweep_with_bad_values_is_refused_whole_before_any_run(tmp_path):
+def test_a_sweep_with_bad_values_is_refused_whole_before_any_run(tmp_path, empty_store):
     """Every job's config is checked before the parent run or any job exists: one line naming the first bad job's
     swept values and the key, exit code 2, nothing recorded in the (real, already created) SQLite store."""
-    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    uri = fresh_store(empty_store, tmp_path / "env.db")
     MlflowClient(uri).create_experiment("mtl-experiments")
     proc = multirun(tmp_path, "optimizer.lr=fast,0.1", "seed=0,1", tracking_uri=uri)
     assert proc.returncode == 2

@@ -10,6 +10,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import fresh_store
+
 EXPERIMENT = "cmp"
 TEST_KEYS = ("y1/auroc", "y1/logloss", "y2/auroc", "y2/logloss")
 
@@ -63,10 +65,10 @@ def log_run(
     return run_id
 
 
-def make_store(tmp_path: Path, with_single_task: bool = True) -> dict:
+def make_store(tmp_path: Path, empty_store: Path, with_single_task: bool = True) -> dict:
     """A sweep of shared_bottom × {equal, rlw} × seeds {0, 1} (+ a FAILED seed 2), single-task runs of the
     same data (equal × 2 seeds, rlw × 1) and a single-task run of other data (correlation 0.9)."""
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = fresh_store(empty_store, tmp_path / "store.db")  # a copy of an empty store (conftest.empty_store)
     client = MlflowClient(uri)
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp_id, tags={"mtl.role": "sweep_parent"}, run_name="sweep-x").info.run_id

@@ -13,9 +13,9 @@ from tests.compare.compare_store import make_store
 
 
 @pytest.fixture(scope="session")
-def compare_store(tmp_path_factory) -> dict:
+def compare_store(tmp_path_factory, empty_store) -> dict:
     """make_store's sweep (see compare_store.py); tests may add artifacts, never runs (copy it for that)."""
-    return make_store(tmp_path_factory.mktemp("store"))
+    return make_store(tmp_path_factory.mktemp("store"), empty_store)
 
 
 def copy_store(store: dict, folder: Path) -> dict:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from mtl_experiments import compare
 from mtl_experiments.pipeline import train
 from tests.compare.compare_store import EXPERIMENT, TEST_KEYS, log_run, make_store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_store
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_groups_mean_std_and_delta_m_against_the_single_task_runs_of_the_same_da
     assert sub["delta_m_pct_mean"] == pytest.approx(3.125) and sub["delta_m_metrics"] == "y1/auroc,y2/auroc"
 
 
-def test_no_single_task_baseline_is_reported_not_invented(tmp_path):
-    s = make_store(tmp_path, with_single_task=False)
+def test_no_single_task_baseline_is_reported_not_invented(tmp_path, empty_store):
+    s = make_store(tmp_path, empty_store, with_single_task=False)
     c = compare.compare(compare.load_runs(s["uri"], parent=s["parent"]))
     assert set(c.table["delta_m_baseline"]) == {compare.NO_BASELINE}
     assert c.table["delta_m_pct_mean"].isna().all()
@@ -178,10 +178,10 @@ def test_segment_metrics_are_not_taken_for_tasks():
     assert run.test_metrics() == {"click/auroc": 0.7}
 
 
-def test_segment_option_compares_a_segments_test_metrics(tmp_path, capsys):
+def test_segment_option_compares_a_segments_test_metrics(tmp_path, capsys, empty_store):
     """--segment cold_user: the groups' values and Δm come from test/cold_user/<task>/<metric>; a run without
     that segment is skipped, saying why."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'seg.db'}")
+    client = MlflowClient(fresh_store(empty_store, tmp_path / "seg.db"))
     exp = client.create_experiment(EXPERIMENT)
     cold = lambda a, b: {"test/cold_user/y1/auroc": a, "test/cold_user/y2/auroc": b}  # noqa: E731
     for seed, (a, b) in enumerate([(0.60, 0.70), (0.62, 0.72)]):

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from mtl_experiments.compare import main, pareto_front
 from mtl_experiments.compare.front import front_compare, front_distance, non_dominated, units
 from mtl_experiments.compare.runs import load_runs
+from tests.conftest import fresh_store
 
 # ------------------------------------------------------------------------------------------ the maths
 
@@ -94,10 +95,10 @@ def log(
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, empty_store):
     """Static runs (children of a sweep parent) in experiment ``front``; methods and single-task in ``methods``."""
     tmp = tmp_path_factory.mktemp("front")
-    uri = f"sqlite:///{tmp / 'store.db'}"
+    uri = fresh_store(empty_store, tmp / "store.db")
     client = MlflowClient(uri)
     front_exp = client.create_experiment("front", artifact_location=(tmp / "a").as_uri())
     methods_exp = client.create_experiment("methods", artifact_location=(tmp / "b").as_uri())

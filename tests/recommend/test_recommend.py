@@ -23,13 +23,13 @@ from mtl_experiments.data.spec import gather
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.pipeline import hydra_context, train
 from mtl_experiments.tasks import build_tasks
-from tests.conftest import RECSYS_TINY, ROOT, TINY, compose_cfg, free_port
+from tests.conftest import RECSYS_TINY, ROOT, TINY, compose_cfg, free_port, fresh_store
 
 BINARY = ("click", "like", "interest")
 
 
-def _train(root: Path, overrides: list[str]) -> str:
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+def _train(root: Path, overrides: list[str], empty_store: Path) -> str:
+    uri = fresh_store(empty_store, root / "mlflow.db")
     cfg = compose_cfg([f"logger.mlflow.tracking_uri={uri}", *overrides], root / "out")
     try:
         train(cfg)
@@ -41,7 +41,7 @@ def _train(root: Path, overrides: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, empty_store):
     """click, like, watch_time, interest and a next_item retrieval task, 2 epochs; served from its run id."""
     root = tmp_path_factory.mktemp("recommend")
     overrides = [
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
         "trainer.enable_model_summary=false",
         "~callbacks.progress_bar",
     ]
-    run_id = _train(root, overrides)
+    run_id = _train(root, overrides, empty_store)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     served = rec.load_run(run_id, uri)
     train_split = served.datamodule.splits["train"]
@@ -381,9 +381,9 @@ def test_a_recipe_only_checkpoint_serves_identically(trained, tmp_path, capsys):
     assert from_recipe["users"] == json.loads(capsys.readouterr().out)["users"]
 
 
-def test_dataset_without_a_catalogue(tmp_path, capsys):
+def test_dataset_without_a_catalogue(tmp_path, capsys, empty_store):
     """data=synthetic has no users or items; its run (no monitored checkpoint) also shows the last.ckpt fallback."""
-    run_id = _train(tmp_path, [*TINY, "trainer.max_epochs=1", "~callbacks.model_checkpoint"])
+    run_id = _train(tmp_path, [*TINY, "trainer.max_epochs=1", "~callbacks.model_checkpoint"], empty_store)
     folder = Path(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags["mtl.checkpoint_dir"])
     path, note = rec.best_local_checkpoint(folder)
     assert path == folder / "last.ckpt" and note.startswith(f"no best checkpoint in {folder}: using last.ckpt")

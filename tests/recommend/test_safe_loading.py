@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from mtl_experiments import checkpoints, safe_config, tracking
 from mtl_experiments import recommend as rec
 from mtl_experiments.errors import ConfigError
+from tests.conftest import fresh_store
 
 
 class Payload:
@@ -287,9 +288,9 @@ RUN_CASES = ["torch.load-pickle-in-checkpoint", "builtins.open", "pathlib.Path.t
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, empty_store):
     root = tmp_path_factory.mktemp("crafted-runs")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_store(empty_store, root / "mlflow.db")
     client = MlflowClient(uri)
     return client, uri, client.create_experiment("crafted")
 
