@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.torch_version import TorchVersion
 
 GRAD_SOURCES = ("params", "representation")
 
@@ -39,11 +41,21 @@ def grad_inputs(model: Any, source: str) -> list[Tensor]:
 def task_gradients(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
     """``G[T, P]`` with ``G[t] = flatten(∂ losses[t] / ∂ params)``; the graph is kept for the real backward.
 
-    One batched backward (``is_grads_batched``: vmap over the T unit vectors) instead of T backwards:
-    1.2x faster for 2 tasks and 1.8x for 8 on the default model. Ops without a batching rule fall back
-    to one ``autograd.grad`` per task. A parameter a task does not reach contributes zeros to its row.
+    When ``losses`` is a stack of the T scalar losses (as the module builds it), row t is one backward from
+    task t's own loss (``task_loss_edges``): it runs through that task's tower only. ``∂ losses[t]`` taken through
+    the stack would also run every other task's tower backward, with zero gradients (the stack's backward feeds all
+    its inputs), and so would the batched form below: on the recsys MMoE (CPU time, 1 thread) G over the shared
+    experts took 2.8 ms instead of 4.3 at T=2 and 5.4 instead of 13 at T=4; the 665k MMoE 21 instead of 27 ms.
+    Otherwise one batched backward (``is_grads_batched``: vmap over the T unit vectors); ops without a batching
+    rule fall back to one ``autograd.grad`` per task. A parameter a task does not reach contributes zeros.
     """
     params = list(params)
+    edges = task_loss_edges(losses)
+    if edges is not None:
+        one = torch.ones((), dtype=losses.dtype, device=losses.device)
+        return _at_least_float32(
+            torch.stack([_flat_row(_edge_grads(edge, one, params), params, 1)[0] for edge in edges])
+        )
     eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
     try:
         grads = torch.autograd.grad(
@@ -51,16 +63,39 @@ def task_gradients(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
         )
     except RuntimeError:  # an op in the graph has no vmap rule
         return _task_gradients_loop(losses, params)
-    return _at_least_float32(
-        torch.cat(
-            [
-                torch.zeros(len(eye), p.numel(), dtype=p.dtype, device=p.device)
-                if g is None
-                else g.reshape(len(eye), -1)
-                for p, g in zip(params, grads, strict=True)
-            ],
-            dim=1,
-        )
+    return _at_least_float32(_flat_row(grads, params, len(eye)))
+
+
+EDGE_OUTPUTS = TorchVersion(torch.__version__) >= "2.4"  # autograd.grad takes a GradientEdge as an output since 2.4
+
+
+def task_loss_edges(losses: Tensor) -> list[GradientEdge | None] | None:
+    """The graph edges of the T scalar losses ``losses`` was stacked from (None: a task's loss has no graph), or None
+    when ``losses`` is not such a stack (or torch is older than 2.4)."""
+    fn = losses.grad_fn
+    if not EDGE_OUTPUTS or losses.dim() != 1 or fn is None or fn.name() != "StackBackward0":
+        return None
+    if len(fn.next_functions) != losses.shape[0]:
+        return None
+    if any(node is not None and node.name() == "torch::autograd::AccumulateGrad" for node, _ in fn.next_functions):
+        return None  # a leaf stacked as a loss: its gradient w.r.t. itself would need a tensor, not an edge
+    return [None if node is None else GradientEdge(node, nr) for node, nr in fn.next_functions]
+
+
+def _edge_grads(edge: GradientEdge | None, one: Tensor, params: list[Tensor]) -> tuple[Tensor | None, ...]:
+    if edge is None:  # this task's loss does not depend on anything: zeros
+        return (None,) * len(params)
+    return torch.autograd.grad([edge], params, grad_outputs=[one], retain_graph=True, allow_unused=True)
+
+
+def _flat_row(grads: Sequence[Tensor | None], params: list[Tensor], rows: int) -> Tensor:
+    """``[rows, P]``: each parameter's gradient (``[rows, *shape]``, or zeros where None) flattened, concatenated."""
+    return torch.cat(
+        [
+            torch.zeros(rows, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(rows, -1)
+            for p, g in zip(params, grads, strict=True)
+        ],
+        dim=1,
     )
 
 
@@ -72,11 +107,7 @@ def _task_gradients_loop(losses: Tensor, params: list[Tensor]) -> Tensor:
     rows = []
     for t in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
-            )
-        )
+        rows.append(_flat_row(grads, params, 1)[0])
     return _at_least_float32(torch.stack(rows))
 
 
