@@ -323,7 +323,7 @@ class ConflictTracker(nn.Module):
         measured steps only, whose ``G`` is computed anyway (a tracked step alone costs ~0.7 of a training step on
         the default model: tracking every 5 steps all run long would cost ~15%, beyond the conflict budget)."""
         n = self.config.track_every_n_steps
-        if n == 0:
+        if n == 0 or (step % n and not self.measures(step)):  # neither rule's step: no count read (a host copy)
             return False
         if int(self.metrics["initial_cosine"].count) < self.config.initial_steps:
             return step % n == 0

@@ -54,17 +54,17 @@ def output_residuals(
     for t, (name, task) in enumerate(tasks.items()):
         out = outputs[name].detach()
         scalar.append(out.reshape(b, -1).shape[1] == 1)
-        mask = masks.get(name)
-        mask = torch.ones(b, dtype=torch.bool, device=device) if mask is None else mask
-        if not scalar[-1] or not bool(mask.any()):  # no value, or no labelled row in this batch: all 0
+        mask = masks.get(name)  # None: every row is labelled (no index copies, no host sync for the count)
+        if not scalar[-1] or (mask is not None and not bool(mask.any())):  # no value, or no labelled row: all 0
             continue
         # float32 at least: a bf16 output's residual keeps its precision (float64 stays float64)
         leaf = (out if out.dtype in (torch.float32, torch.float64) else out.float()).requires_grad_(True)
+        output, target = (leaf, labels[name]) if mask is None else (leaf[mask], labels[name][mask])
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(task.loss(leaf[mask], labels[name][mask]), leaf)
+            (grad,) = torch.autograd.grad(task.loss(output, target), leaf)
         # × n: the per-row derivative of a mean loss, comparable across ranks whose labelled counts differ
-        d[t] = grad.reshape(b).double() * int(mask.sum())
-        m[t] = mask.double()
+        d[t] = grad.reshape(b).double() * (b if mask is None else int(mask.sum()))
+        m[t] = 1.0 if mask is None else mask.double()
     return d, m, scalar
 
 

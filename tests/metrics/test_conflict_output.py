@@ -60,6 +60,22 @@ def test_residuals_of_two_shards_concatenated_give_the_whole_batch_cosine(seed):
     torch.testing.assert_close(output_cosine(d, m), output_cosine(whole[0], whole[1]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_task_without_mask_gives_exactly_the_residuals_of_an_all_labelled_mask(seed, dtype):
+    """The no-mask path (no index copies, the row count known) is the all-true mask's path bit for bit: random
+    outputs with tied values, binary and regression tasks."""
+    gen = torch.Generator().manual_seed(seed)
+    outputs = {n: torch.randint(-3, 4, (32, 1), generator=gen).to(dtype) / 2 for n in ("a", "b")}  # many ties
+    labels = {"a": torch.randint(0, 2, (32,), generator=gen).to(dtype), "b": torch.randn(32, generator=gen).to(dtype)}
+    tasks = {"a": BinaryTask("a"), "b": RegressionTask("b")}
+    everything = {n: torch.ones(32, dtype=torch.bool) for n in tasks}
+    for got, want in zip(
+        output_residuals(tasks, outputs, labels, {}), output_residuals(tasks, outputs, labels, everything), strict=True
+    ):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+
+
 def test_no_common_row_and_unlabelled_task_give_zero():
     z, y = torch.zeros(3, 1), torch.tensor([1.0, 0, 1])
     masks = {"a": torch.tensor([True, False, False]), "b": torch.tensor([False, True, True])}
