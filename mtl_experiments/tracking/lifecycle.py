@@ -2,8 +2,9 @@
 
 On entry the loggers are built (no MLflow run exists yet: a trainer setting refused after this leaves nothing);
 ``run.start(params, ...)`` creates the run (params + config artifacts) or reopens the resumed one; an exception
-inside the block ends the run FAILED (KILLED for Ctrl-C) and is re-raised; on the way out, whatever happened, an
-outage of the store is reported (in the log and as a tag).
+inside the block ends the run FAILED (KILLED for Ctrl-C; after the values still queued for the store) and is
+re-raised; on the way out, whatever happened, the MLflow logger's queued values are written and its writer thread
+ends (``report_outages``), and an outage of the store is reported (in the log and as a tag).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
 from mtl_experiments.scrub import redact
 from mtl_experiments.tracking.store import last_steps, short_http_retries
+from mtl_experiments.tracking.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +41,26 @@ def clean_key(key: str) -> str:
 
 
 class ResilientMLFlowLogger(MLFlowLogger):
-    """Lightning's ``MLFlowLogger`` that neither dies with its tracking store nor duplicates resumed steps.
+    """Lightning's ``MLFlowLogger`` that writes off the training thread, neither dies with its tracking store nor
+    duplicates resumed steps.
 
+    - ``log_metrics`` only queues the values (with their step and the time of the call); one writer thread
+      (``tracking.writer.BackgroundWriter``) writes them in order, as few ``log_batch`` calls as the queue allows,
+      with the short HTTP retries of ``store.short_http_retries``. Every value stays pending with its data until
+      the store has taken it. The queue holds at most ``max_queued`` calls (then ``log_metrics`` waits).
+      ``flush()`` waits until everything queued is in the store or in the fallback folder; a checkpoint,
+      ``finalize``, ``end`` (the run's status is written after its metrics) and artifact uploads flush first.
+      ``synchronous=True``: the writes happen in ``log_metrics`` itself, as Lightning's logger does. MLflow's own
+      asynchronous logging is never used: its failures arrive after the fact, too late for the fallback.
     - A write that fails (server gone, database locked, disk full) does not stop training: a warning
       names the store and the fallback folder, and this and every later value is appended to
-      ``<fallback_dir>/metrics.jsonl`` (artifacts to ``<fallback_dir>/artifacts/``). Every
+      ``<fallback_dir>/metrics.jsonl`` (artifacts to ``<fallback_dir>/artifacts/``), in order. Every
       ``retry_every_s`` seconds the store is tried again; once it answers, the buffered values are
-      written to the run (flushed) and logging continues there. ``finalize`` tries once more; what is
-      still left is uploaded later with ``python -m mtl_experiments.tracking replay <fallback_dir>``.
+      written to the run (without the values of the failed write that the store did take: nothing twice) and
+      logging continues there. ``finalize`` tries once more; what is still left is uploaded later with
+      ``python -m mtl_experiments.tracking replay <fallback_dir>``. A failure of the writer itself (the fallback
+      folder cannot be written either) is logged once per message, kept in ``writer_errors`` and in ``summary()``;
+      the values stay in memory and reach the run if the store answers before the process ends.
     - ``resume_floor`` ({metric: last step already in the run}): values at or before those steps are
       not written again, so a run resumed from a checkpoint older than its last logged step keeps one
       value per (metric, step) and strictly increasing steps.
@@ -57,18 +72,28 @@ class ResilientMLFlowLogger(MLFlowLogger):
         fallback_dir: str | os.PathLike | None = None,
         retry_every_s: float = 30.0,
         resume_floor: Mapping[str, int] | None = None,
+        synchronous: bool | None = None,
+        max_queued: int = 256,
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # synchronous is ours: MLflow's asynchronous logging is never switched on
         self.fallback_dir = Path(fallback_dir) if fallback_dir else None  # None: a temporary folder, if ever needed
         self.retry_every_s = float(retry_every_s)
         self.resume_floor = dict(resume_floor or {})
+        self.synchronous = bool(
+            checks.optional(checks.boolean, "logger.mlflow.synchronous", synchronous, hint="true, false or unset")
+        )
+        max_queued = checks.positive_int("logger.mlflow.max_queued", max_queued, hint="log_metrics calls, e.g. 256")
         self.offline_since: float | None = None  # wall time the store stopped answering (None: online)
         self.outages: list[dict[str, Any]] = []  # {"error", "start_step", "buffered", "flushed"} per outage
-        self._pending: list[dict[str, Any]] = []  # buffered metric values not yet in the store
+        self.writer_errors: list[str] = []  # distinct failures of the writer itself (values kept in memory)
+        self._pending: list[dict[str, Any]] = []  # metric values not known to be in the store, in order
+        self._in_flight: list[dict[str, Any]] = []  # the rows of the write that failed: the store may hold them
         self._pending_artifacts: list[tuple[str, str | None]] = []
         self._last_probe = 0.0
         self._final_status: str | None = None
+        self._lock = threading.RLock()  # the writer thread's writes against the training thread's store calls
+        self._writer = BackgroundWriter(self._write_batch, self._writer_failed, max_items=max_queued, name="mlflow")
 
     # -- state ----------------------------------------------------------------------------------------
     @property
@@ -77,8 +102,19 @@ class ResilientMLFlowLogger(MLFlowLogger):
 
     @property
     def unflushed(self) -> int:
-        """Metric values (and artifacts) that are only in the fallback folder."""
+        """Metric values (and artifacts) not in the store: in the fallback folder (or, after a writer failure,
+        only in memory). Exact after ``flush()``."""
         return len(self._pending) + len(self._pending_artifacts)
+
+    @property
+    def queued(self) -> int:
+        """``log_metrics`` calls whose values the writer thread has not written yet."""
+        return self._writer.waiting
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer thread runs (from the first ``log_metrics`` until ``close``)."""
+        return self._writer.alive()
 
     @property
     def started(self) -> bool:
@@ -89,28 +125,40 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def tracking_uri(self) -> str:
         return self._tracking_uri
 
+    def flush(self) -> None:
+        """Wait until every value logged so far is in the store or in the fallback folder."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and end the writer thread (the next ``log_metrics`` starts a new one)."""
+        self._writer.close()
+
     def end(self, status: str = "FAILED") -> None:
-        """Mark the run ``status`` now (FAILED / KILLED); while the store is away, in the fallback folder, for
-        ``replay``. Never raises: the error that ended the run is the one to show."""
+        """Mark the run ``status`` now (FAILED / KILLED), after its queued values; while the store is away, in the
+        fallback folder, for ``replay``. Never raises: the error that ended the run is the one to show."""
         if not self.started:
             return
-        if self.offline and not self.reconnect(force=True):
-            self._final_status = status
-            self._write_status()
-            return
-        with contextlib.suppress(Exception), short_http_retries():
-            self.experiment.set_terminated(self.run_id, status)
+        self.close()
+        with self._lock:
+            if self.offline and not self.reconnect(force=True):
+                self._final_status = status
+                self._write_status()
+                return
+            with contextlib.suppress(Exception), short_http_retries():
+                self.experiment.set_terminated(self.run_id, status)
 
     def report_outages(self) -> None:
         """Say what happened to the store during the run (an outage, and where its values are): in the log and,
         when the store answers, as the run's tag ``mtl.tracking_outages``."""
-        self.reconnect(force=True)
-        message = self.summary()
-        if message:
-            log.warning(message)
-            if not self.offline:
-                with contextlib.suppress(Exception), short_http_retries():
-                    self.experiment.set_tag(self.run_id, "mtl.tracking_outages", message[:5000])
+        self.close()
+        with self._lock:
+            self.reconnect(force=True)
+            message = self.summary()
+            if message:
+                log.warning(message)
+                if not self.offline:
+                    with contextlib.suppress(Exception), short_http_retries():
+                        self.experiment.set_tag(self.run_id, "mtl.tracking_outages", message[:5000])
 
     def _go_offline(self, error: BaseException, step: int | None) -> None:
         if self.fallback_dir is None:
@@ -118,10 +166,6 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self.offline_since = time.time()
         self._last_probe = time.monotonic()
         self.outages.append({"error": redact(str(error))[:300], "start_step": step, "buffered": 0, "flushed": False})
-        self.fallback_dir.mkdir(parents=True, exist_ok=True)
-        (self.fallback_dir / "run.json").write_text(
-            json.dumps({"run_id": self._run_id, "tracking_uri": redact(self._tracking_uri)}, indent=1)
-        )
         log.warning(
             "MLflow store %s failed at step %s (%s). Training continues; metrics now go to %s and are written "
             "to the run once the store answers again (tried every %.0f s).",
@@ -130,6 +174,10 @@ class ResilientMLFlowLogger(MLFlowLogger):
             redact(str(error))[:300],
             self.fallback_dir,
             self.retry_every_s,
+        )
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        (self.fallback_dir / "run.json").write_text(
+            json.dumps({"run_id": self._run_id, "tracking_uri": redact(self._tracking_uri)}, indent=1)
         )
 
     def reconnect(self, force: bool = False) -> bool:
@@ -140,9 +188,10 @@ class ResilientMLFlowLogger(MLFlowLogger):
             return False
         self._last_probe = time.monotonic()
         try:
-            with short_http_retries(max_retries=0, timeout=5):
+            with self._lock, short_http_retries(max_retries=0, timeout=5):
                 self._mlflow_client.get_run(self._run_id)
-                self._flush()
+                self._drop_landed()
+                self._write_pending()
         except Exception as e:  # noqa: BLE001 - still down: stay offline
             log.debug("MLflow store still unavailable: %s", e)
             return False
@@ -157,71 +206,127 @@ class ResilientMLFlowLogger(MLFlowLogger):
         )
         return True
 
-    def _flush(self) -> None:
+    def _write_pending(self) -> None:
+        """Pending values, then artifacts, to the store in order; each chunk leaves ``_pending`` once it landed."""
         from mlflow.entities import Metric
 
         while self._pending:
-            chunk = self._pending[:1000]  # MLflow's log_batch limit
-            metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in chunk]
+            self._in_flight = self._pending[:1000]  # MLflow's log_batch limit
+            metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in self._in_flight]
             self._mlflow_client.log_batch(self._run_id, metrics=metrics)
-            del self._pending[: len(chunk)]
+            del self._pending[: len(self._in_flight)]
+            self._in_flight = []
         while self._pending_artifacts:
             local, artifact_path = self._pending_artifacts[0]
             self._mlflow_client.log_artifacts(self._run_id, local, artifact_path)
             self._pending_artifacts.pop(0)
 
-    def _buffer(self, metrics: Mapping[str, float], step: int | None) -> None:
-        now = int(time.time() * 1000)
-        rows = [
-            {"key": clean_key(k), "value": float(v), "step": int(step or 0), "timestamp": now}
-            for k, v in metrics.items()
-            if not isinstance(v, str)
-        ]
-        self._pending.extend(rows)
-        self.outages[-1]["buffered"] += len(rows)
+    def _drop_landed(self) -> None:
+        """The write that failed may have landed (the store committed, its answer was lost): its values that the run
+        holds already, identical in key, step, time and value, leave the pending ones, so none is written twice."""
+        if not self._in_flight:
+            return
+        held = set()
+        for key in {r["key"] for r in self._in_flight}:
+            history = self._mlflow_client.get_metric_history(self._run_id, key)
+            held.update((key, m.step, m.timestamp, repr(float(m.value))) for m in history)
+        landed = {id(r) for r in self._in_flight if (r["key"], r["step"], r["timestamp"], repr(r["value"])) in held}
+        self._pending = [r for r in self._pending if id(r) not in landed]
+        self._in_flight = []
+
+    def _rows(self, metrics: Mapping[str, float], step: int | None) -> list[dict[str, Any]]:
+        """The values to write, taken now: past the resume floor, string values dropped (as Lightning does)."""
+        s, now = int(step or 0), int(time.time() * 1000)
+        rows = []
+        for k, v in metrics.items():
+            key = clean_key(f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k)
+            if isinstance(v, str):
+                log.warning("Discarding metric with string value %s=%s.", key, v)
+            elif s > self.resume_floor.get(key, -1):
+                rows.append({"key": key, "value": float(v), "step": s, "timestamp": now})
+        return rows
+
+    def _write_batch(self, batch: list[tuple[list[dict[str, Any]], int | None]]) -> None:
+        """Write queued ``(rows, step)`` items in order (the writer thread; the caller's with ``synchronous``): to
+        the store, or once it fails, with all later ones, to the fallback folder."""
+        rows = [r for item_rows, _ in batch for r in item_rows]
+        with self._lock:
+            self._pending.extend(rows)  # pending until the store took them
+            if self.offline and not self.reconnect():
+                self._append_fallback(rows)
+                return
+            try:
+                with short_http_retries():
+                    self._write_pending()
+            except Exception as e:  # noqa: BLE001 - whatever the store raised, training must go on
+                self._go_offline(e, batch[0][1])
+                self._append_fallback(self._pending)
+
+    def _append_fallback(self, rows: list[dict[str, Any]]) -> None:
         with open(self.fallback_dir / "metrics.jsonl", "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.outages[-1]["buffered"] += len(rows)
+
+    def _writer_failed(self, error: BaseException, batch: list) -> None:
+        """A write that failed beyond the fallback (its folder cannot be written): said once per message; the
+        values stay pending in memory."""
+        message = redact(f"{type(error).__name__}: {error}")[:300]
+        if message not in self.writer_errors:
+            self.writer_errors.append(message)
+            log.error(
+                "The MLflow writer could not write %d metric value(s) to the store %s nor to the fallback folder %s "
+                "(%s). Training continues; the values are kept in memory and written to the run if the store "
+                "answers before the process ends.",
+                sum(len(rows) for rows, _ in batch),
+                redact(self._tracking_uri),
+                self.fallback_dir,
+                message,
+            )
 
     # -- Lightning's logger interface -----------------------------------------------------------------
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self.resume_floor:
-            s = int(step or 0)
-            metrics = {k: v for k, v in metrics.items() if s > self.resume_floor.get(clean_key(k), -1)}
-        if not metrics:
+        rows = self._rows(metrics, step)
+        if not rows:
             return
-        if self.offline and not self.reconnect():
-            self._buffer(metrics, step)
-            return
-        try:
+        if self._run_id is None:
             with short_http_retries():
-                super().log_metrics(metrics, step)
-        except Exception as e:  # noqa: BLE001 - whatever the store raised, training must go on
-            if self._run_id is None:
-                raise  # the run was never created: nothing to continue (the start-up check failed)
-            self._go_offline(e, step)
-            self._buffer(metrics, step)
+                self.experiment  # noqa: B018 - creates the run here: a store that cannot create it fails the run
+        if self.synchronous:
+            try:
+                self._write_batch([(rows, step)])
+            except Exception as e:  # noqa: BLE001 - as in the writer thread: reported, training goes on
+                self._writer_failed(e, [(rows, step)])
+        else:
+            self._writer.put((rows, step))
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        with short_http_retries():
+        with self._lock, short_http_retries():
             super().log_hyperparams(params)
 
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """A checkpoint was written: what was logged before it lands now (a resumed run continues from here)."""
+        self.flush()
+        super().after_save_checkpoint(checkpoint_callback)
+
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> bool:
-        """Upload a folder's files; while the store is away, copy them to the fallback folder instead.
-        Returns whether they reached the store."""
-        if not self.offline or self.reconnect():
-            try:
-                with short_http_retries():
-                    self.experiment.log_artifacts(self.run_id, str(local_dir), artifact_path)
-                return True
-            except Exception as e:  # noqa: BLE001
-                self._go_offline(e, None)
-        target = self.fallback_dir / "artifacts" / (artifact_path or "")
-        shutil.copytree(local_dir, target, dirs_exist_ok=True)  # a newer last.ckpt replaces the older copy
-        if (str(target), artifact_path) not in self._pending_artifacts:
-            self._pending_artifacts.append((str(target), artifact_path))
-        return False
+        """Upload a folder's files (after the queued values); while the store is away, copy them to the fallback
+        folder instead. Returns whether they reached the store."""
+        self.flush()
+        with self._lock:
+            if not self.offline or self.reconnect():
+                try:
+                    with short_http_retries():
+                        self.experiment.log_artifacts(self.run_id, str(local_dir), artifact_path)
+                    return True
+                except Exception as e:  # noqa: BLE001
+                    self._go_offline(e, None)
+            target = self.fallback_dir / "artifacts" / (artifact_path or "")
+            shutil.copytree(local_dir, target, dirs_exist_ok=True)  # a newer last.ckpt replaces the older copy
+            if (str(target), artifact_path) not in self._pending_artifacts:
+                self._pending_artifacts.append((str(target), artifact_path))
+            return False
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
@@ -232,16 +337,18 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return
-        self._final_status = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(status, status)
-        if self.offline and not self.reconnect(force=True):
-            self._write_status()
-            return
-        try:
-            with short_http_retries():
-                super().finalize(status)
-        except Exception as e:  # noqa: BLE001
-            self._go_offline(e, None)
-            self._write_status()
+        self.close()  # the status comes after every value logged before it
+        with self._lock:
+            self._final_status = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(status, status)
+            if self.offline and not self.reconnect(force=True):
+                self._write_status()
+                return
+            try:
+                with short_http_retries():
+                    super().finalize(status)
+            except Exception as e:  # noqa: BLE001
+                self._go_offline(e, None)
+                self._write_status()
 
     def _write_status(self) -> None:
         info = json.loads((self.fallback_dir / "run.json").read_text())
@@ -250,8 +357,14 @@ class ResilientMLFlowLogger(MLFlowLogger):
 
     def summary(self) -> str | None:
         """One line on what happened to the store during the run (None when nothing did)."""
+        lost = (
+            f" The writer also failed ({'; '.join(self.writer_errors)}): {len(self._pending)} metric values were "
+            f"neither in the store nor in {self.fallback_dir}, only in this process's memory."
+            if self.writer_errors and self._pending
+            else ""
+        )
         if not self.outages:
-            return None
+            return lost.strip() or None
         buffered = sum(o["buffered"] for o in self.outages)
         if not self.offline and self.unflushed == 0:
             return (
@@ -265,6 +378,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
             f"metric values and artifacts of run {self._run_id} are only in {self.fallback_dir}, and the run shows "
             f"as RUNNING in the store until they are uploaded with:\n"
             f"    python -m mtl_experiments.tracking replay {self.fallback_dir}"
+            f"{lost}"
         )
 
 

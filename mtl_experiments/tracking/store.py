@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -186,20 +187,40 @@ def preflight(cfg: DictConfig) -> str | None:
 
 
 # -- a store that goes away mid-run ------------------------------------------------------------------
+class _SharedEnv:
+    """Environment variables set while any thread is inside ``short_http_retries``: the first thread in sets them,
+    the last one out removes them, so the logger's writer thread and the training thread can overlap."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.added: list[str] = []
+
+
+_RETRY_ENV = _SharedEnv()
+
+
 @contextlib.contextmanager
 def short_http_retries(max_retries: int = 2, timeout: int = 10) -> Iterator[None]:
     """MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes) and waits
     up to 120 s for each answer: right for a script with nothing else to do, wrong for a training loop
     that can buffer its metrics. Inside this block: fewer retries and a shorter timeout, unless the user
-    set these variables themselves (MLflow reads them at each request)."""
+    set these variables themselves (MLflow reads them at each request, in whichever thread sends it; the
+    variables are the process's, so they stay set while any thread is inside, with the first one's values)."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
-    added = [k for k in wanted if k not in os.environ]
-    os.environ.update({k: wanted[k] for k in added})
+    with _RETRY_ENV.lock:
+        if _RETRY_ENV.holders == 0:
+            _RETRY_ENV.added = [k for k in wanted if k not in os.environ]
+            os.environ.update({k: wanted[k] for k in _RETRY_ENV.added})
+        _RETRY_ENV.holders += 1
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        with _RETRY_ENV.lock:
+            _RETRY_ENV.holders -= 1
+            if _RETRY_ENV.holders == 0:
+                for k in _RETRY_ENV.added:
+                    os.environ.pop(k, None)
 
 
 def get_run(uri: str, run_id: str):

@@ -4,6 +4,7 @@ training finishes, the values wait in a local fallback, and reach the run when t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -190,16 +191,59 @@ def test_credentials_in_the_tracking_uri_are_never_logged(server, make_cfg, monk
 
 
 @pytest.mark.slow
-def test_logger_flushes_its_buffer_when_the_server_is_back(server):
+def test_logger_flushes_its_buffer_when_the_server_is_back(server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # refused retries need not wait seconds
     tracking.ensure_experiment(server.uri, "flush")
     logger = tracking.ResilientMLFlowLogger(experiment_name="flush", tracking_uri=server.uri, retry_every_s=0)
+    # the writes happen on the logger's writer thread: flush() waits for each before the server is stopped or the
+    # logger's state is read
     logger.log_metrics({"a": 1.0}, step=0)
+    logger.flush()
     server.stop()
     logger.log_metrics({"a": 2.0}, step=1)
+    logger.flush()
     assert logger.offline and logger.unflushed == 1
     server.start()
     logger.log_metrics({"a": 3.0}, step=2)
+    logger.flush()
     assert not logger.offline and logger.unflushed == 0
     history = MlflowClient(server.uri).get_metric_history(logger.run_id, "a")
     assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 2.0), (2, 3.0)]
     assert "were written to run" in logger.summary()
+    # the server dies again, now with writes queued and one in flight (one test: each server start takes seconds)
+    kill_while_writing(server, logger)
+
+
+def kill_while_writing(server, logger) -> None:
+    """Each value is in the store or in the fallback, in order; only the write in flight can be in both (the server
+    may have committed it), and the logger's reconnection writes the rest without it: every value exactly once."""
+    logged = []
+    for step in range(3, 200):
+        metrics = {f"m{i}": step + i / 10 for i in range(4)}
+        logged += [(k, step, v) for k, v in metrics.items()]
+        logger.log_metrics(metrics, step=step)  # a tight loop: the queue fills, log_metrics waits for room
+        if step == 100:
+            assert logger.queued > 0  # the kill finds writes queued
+            server.stop()
+    logger.flush()
+    assert logger.offline
+    lines = (logger.fallback_dir / "metrics.jsonl").read_text().splitlines()
+    buffered = [(r["key"], r["step"], r["value"]) for r in map(json.loads, lines) if r["key"] != "a"]
+    server.start()
+    client = MlflowClient(server.uri)
+
+    def stored() -> list[tuple]:
+        return [
+            (m.key, m.step, m.value)
+            for k in sorted({r[0] for r in logged})
+            for m in client.get_metric_history(logger.run_id, k)
+        ]
+
+    before = stored()
+    assert len(set(before)) == len(before) and len(set(buffered)) == len(buffered)
+    assert set(before) | set(buffered) == set(logged)  # nothing lost
+    assert sorted(buffered, key=lambda r: (r[1], r[0])) == buffered  # in order
+    both = set(before) & set(buffered)
+    assert set(buffered[: len(both)]) == both  # only the first failed write can be in both
+    assert logger.reconnect(force=True)
+    assert sorted(stored()) == sorted(logged)  # every value exactly once
