@@ -278,16 +278,19 @@ class StepGradients:
         return None if wanted is None else select_columns(self.grads, self.inputs, wanted, self.widths)
 
 
-def plan(model: Any, weighting: Any, conflict: Any, step: int) -> StepGradients:
+def plan(model: Any, weighting: Any, conflict: Any, step: int, shared: list | None = None) -> StepGradients:
     """Who needs which per-task gradients at optimizer step ``step`` (counted from 1).
 
     ``weighting``: the ``Weighting`` when the backbone shares parameters (None: it gets no G); ``conflict``:
-    the ``ConflictTracker`` (None: no conflict metrics)."""
+    the ``ConflictTracker`` (None: no conflict metrics); ``shared``: ``model.shared_parameters()`` when the caller
+    has it (listing them walks the backbone's modules: once a step, not once per consumer)."""
     needs = weighting is not None and weighting.needs_task_grads
     weighting_inputs = weighting.task_grad_inputs(model) if needs else None
     measured = conflict is not None and conflict.config.every_n_steps > 0
-    conflict_inputs = grad_inputs(model, conflict.config.source) if measured else None
-    shared = list(model.shared_parameters()) if conflict is not None else None
+    if conflict is not None and shared is None:
+        shared = list(model.shared_parameters())
+    source = conflict.config.source if measured else None
+    conflict_inputs = shared if source == "params" else grad_inputs(model, source) if measured else None
     return StepGradients(
         weighting=weighting_inputs,
         conflict=conflict_inputs if measured and conflict.measures(step) else None,

@@ -289,10 +289,10 @@ class MTLModule(pl.LightningModule):
             return
         step = self.global_step + 1  # this step's number once opt.step() has run, as the logging below counts
         weighting = self.weighting if self._shares_parameters else None
-        plan = grads.plan(self.model, weighting, self.conflict_tracker, step).compute(local_losses)
+        shared = self.model.shared_parameters()  # once a step: a walk over the backbone's modules (~10-20 µs)
+        plan = grads.plan(self.model, weighting, self.conflict_tracker, step, shared).compute(local_losses)
         task_grads = plan.columns("weighting")
         gates = self._gates() if plan.conflict is not None else None  # read before any re-forward
-        shared = self.model.shared_parameters()  # once a step: a walk over the backbone's modules (~20 µs)
         weights = self._backward(opt, losses, task_grads, shared)
         # before opt.step(): the lookahead affinity starts from this step's parameters
         measured = self._measure(opt, plan, weights, step, gates, batch, shared)
