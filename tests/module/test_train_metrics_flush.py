@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from mtl_experiments import kept_outputs
+from mtl_experiments import checkpoints, kept_outputs
 from mtl_experiments.checkpoints import LastCheckpoint, load
 from mtl_experiments.data.synthetic import SyntheticDataModule
 from mtl_experiments.kept_outputs import KeptOutputs
@@ -160,3 +160,20 @@ def test_mid_epoch_resume_gives_the_uninterrupted_train_metrics(layout, tmp_path
         torch.save(checkpoint, path)
     resumed = fit(tmp_path, "resumed", ckpt_path=path)
     assert resumed == reference
+
+
+def test_metric_states_round_trip_without_a_later_update(recwarn):
+    """States saved and set on fresh metrics compute the same values, also when no update() follows (a task with no
+    labelled row after the resume), without torchmetrics' warning; a never-updated set is reported as such."""
+    g = torch.Generator().manual_seed(1)
+    tasks, metrics = metric_sets()
+    update(tasks, metrics)(*concatenated(list(random_batches(g, torch.float32, steps=5))))
+    saved = checkpoints.metric_states(metrics)
+    expected = computed(metrics)
+    _, fresh = metric_sets()
+    assert checkpoints.load_metric_states(fresh, saved, torch.device("cpu")) == {"a", "b"}
+    got = {f"{t}/{k}": float(v) for t, m in fresh.items() for k, v in checkpoints.compute(m).items()}
+    assert got == expected
+    assert not [w for w in recwarn if "compute" in str(w.message)]
+    _, untouched = metric_sets()
+    assert checkpoints.load_metric_states(fresh, checkpoints.metric_states(untouched), torch.device("cpu")) == set()
