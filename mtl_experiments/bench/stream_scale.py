@@ -87,29 +87,40 @@ def overrides_for(mode: str, rows: int, log: str, workers: int, cache: str) -> l
 
 
 class SteadyClock(pl.Callback):
-    """Marks the start of ``fit``, the first step's start, the end of step ``warmup`` and the last step's end."""
+    """Marks the start of ``fit``, the first step's start, the end of step ``warmup`` and the last step's end; after
+    the warm-up it also sums the steps' own time (batch start to end) apart from the wait for the next batch."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.steps = warmup, 0
-        self.begin = self.first = self.after_warmup = self.end = None
+        self.warmup, self.steps, self.in_steps = warmup, 0, 0.0
+        self.begin = self.first = self.after_warmup = self.end = self.started = None
 
     def on_fit_start(self, trainer, pl_module):
         self.begin = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = time.perf_counter()
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first = self.started
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
         self.end = time.perf_counter()
-        if self.steps == self.warmup:
+        if self.steps > self.warmup:
+            self.in_steps += self.end - self.started
+        elif self.steps == self.warmup:
             self.after_warmup = self.end
 
     def figures(self, batch: int) -> dict:
-        """``first_batch_s`` and ``steady_samples_per_s`` (the steps after ``warmup``, full batches of ``batch``)."""
-        steady = (self.steps - self.warmup) * batch / (self.end - self.after_warmup)
-        return {"first_batch_s": self.first - self.begin, "steady_samples_per_s": steady, "warmup": self.warmup}
+        """``first_batch_s``, ``steady_samples_per_s`` (the steps after ``warmup``, full batches of ``batch``) and
+        their milliseconds per step in the training step itself and between steps (mostly the wait for data)."""
+        steps, wall = self.steps - self.warmup, self.end - self.after_warmup
+        return {
+            "first_batch_s": self.first - self.begin,
+            "steady_samples_per_s": steps * batch / wall,
+            "step_ms": 1e3 * self.in_steps / steps,
+            "between_steps_ms": 1e3 * (wall - self.in_steps) / steps,
+            "warmup": self.warmup,
+        }
 
 
 def cpu_seconds(who: int) -> float:
@@ -167,7 +178,7 @@ def report(result: dict) -> None:
         f"{min(WARMUP_STEPS, result['steps'] // 2)} steps"
     )
     columns = ("rows", "mode", "peak RSS MB", "samples/s (fit)", "steady samples/s", "first batch s", "set-up s")
-    for column in (*columns, "pass rows/s", "CPU ms/step main | workers", "load"):
+    for column in (*columns, "pass rows/s", "ms in | between steps", "CPU ms/step main | workers", "load"):
         table.add_column(column, justify="right")
     for key, r in result["runs"].items():
         mode, rows = key.split("@")
@@ -181,6 +192,7 @@ def report(result: dict) -> None:
             f"{r['first_batch_s']:.2f}",
             f"{r['setup_s']:.1f}",
             rate,
+            f"{r['step_ms']:.1f} | {r['between_steps_ms']:.1f}",
             f"{r['cpu_ms_per_step']:.1f} | {r['worker_cpu_ms_per_step']:.1f}",
             f"{r['load_average']:.1f}",
         )

@@ -19,20 +19,29 @@ def test_each_contender_reports_setup_throughput_and_memory(tmp_path, monkeypatc
     for r in (stream, memory):
         assert r["samples_per_s"] > 0 and r["peak_mb"] > 0 and r["setup_s"] > 0
         assert r["steady_samples_per_s"] > 0 and r["first_batch_s"] > 0 and r["warmup"] == 1
+        assert r["step_ms"] > 0 and r["between_steps_ms"] > 0
         assert r["cpu_ms_per_step"] > 0 and r["worker_cpu_ms_per_step"] == 0.0  # no workers here
 
 
 def test_steady_clock_leaves_out_the_start_up_and_the_warm_up_steps(monkeypatch):
-    """fit starts at t=0, the first step at 2 s (start-up), each of 6 steps takes 1 s; warm-up 2 steps: the steady
-    window is the end of step 2 (t=4) to the end of step 6 (t=8), 4 steps of 512 rows in 4 s."""
-    now = iter([0.0, 2.0, *[2.0 + k for k in range(1, 7)]])
+    """fit starts at t=0, the first step at 2 s (start-up); each of 6 steps waits 0.25 s for its batch (not the
+    first) and trains 0.75 s; warm-up 2 steps: the steady window is the end of step 2 (t=3.75) to the end of step 6
+    (t=7.75), 4 steps of 512 rows in 4 s, 3 s of them in the steps."""
+    marks = [0.0, 2.0, 2.75] + [t for k in range(1, 6) for t in (2.75 + k - 0.75, 2.75 + k)]
+    now = iter(marks)
     monkeypatch.setattr(stream_scale.time, "perf_counter", lambda: next(now))
     clock = stream_scale.SteadyClock(warmup=2)
     clock.on_fit_start(None, None)
     for k in range(6):
         clock.on_train_batch_start(None, None, None, k)
         clock.on_train_batch_end(None, None, None, None, k)
-    assert clock.figures(512) == {"first_batch_s": 2.0, "steady_samples_per_s": 512.0, "warmup": 2}
+    assert clock.figures(512) == {
+        "first_batch_s": 2.0,
+        "steady_samples_per_s": 512.0,
+        "step_ms": 750.0,
+        "between_steps_ms": 250.0,
+        "warmup": 2,
+    }
 
 
 def test_bad_arguments_are_refused():
