@@ -29,6 +29,11 @@ Choices the paper leaves open, made here:
 
 When the backbone shares nothing (single_task) the module passes no task gradients: GradNorm then
 acts as equal weighting, w fixed at 1 (the module warns).
+
+Cost per step beyond ``equal``: T backward passes, each from one task's own loss to W (``grads.task_gradients``), and
+the T-vector bookkeeping below (~0.3 ms on CPU, Adam's step on w ~50 µs of it). Each pass ends in W's weight-gradient
+product, the one the real backward also computes (on the recsys MMoE, W is the experts' only layer), so exact norms
+cost T such products: ~1.4x ``equal`` there at T=2 (docs/results.md, issue 17).
 """
 
 from __future__ import annotations
