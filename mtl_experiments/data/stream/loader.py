@@ -10,7 +10,8 @@ contiguous part of the rank's range. Each reads only the row groups its range to
 shuffle buffer of ``shuffle_buffer`` rows: each incoming row group joins the buffer and all but
 ``shuffle_buffer`` rows of it leave in a random order (every buffered row equally likely), seeded by
 ``(seed, epoch, rank, worker)``. Workers hand batches over as numpy arrays (one pickled message each; torch
-tensors would each be moved into a shared-memory file), the main process makes the tensors. Under DDP with
+tensors would each be moved into a shared-memory file), the main process makes the tensors; each worker keeps
+``PREFETCH_BATCHES`` batches ready, so its bursts (a row group at a time) do not stall the trainer. Under DDP with
 ``on_bad_shard=skip`` the ranks agree before every batch that each has one (``StreamLoader.in_step``).
 """
 
@@ -31,6 +32,10 @@ from mtl_experiments.data.stream.stats import row_groups
 from mtl_experiments.errors import DataError
 
 log = logging.getLogger(__name__)
+# batches each DataLoader worker keeps ready ahead of the trainer (torch's default: 2). A worker's cost comes in
+# bursts: a row group (~100 batches of 512) is read, encoded and shuffled at once; with 2 batches ahead, the trainer
+# waits at every such burst whenever the worker does not have a free core right away (profiled: issue 13).
+PREFETCH_BATCHES = 32
 
 
 def take(tree, index):
@@ -226,7 +231,9 @@ class StreamLoader(LoaderPosition):
         )
         blocks = dataset
         if self.workers:
-            blocks = DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=as_is)
+            blocks = DataLoader(
+                dataset, batch_size=None, num_workers=self.workers, collate_fn=as_is, prefetch_factor=PREFETCH_BATCHES
+            )
         segments = self.source.segments_of(self.split)
         rows, total, reported = 0, sum(counts), skip > 0  # a resumed epoch reads only part of its rows: no report
         for block in self.in_step(blocks, total - skip):
