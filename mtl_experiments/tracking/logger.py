@@ -213,7 +213,8 @@ class ResilientMLFlowLogger(MLFlowLogger):
         while self._pending:
             self._in_flight = self._pending[:1000]  # MLflow's log_batch limit
             metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in self._in_flight]
-            self._mlflow_client.log_batch(self._run_id, metrics=metrics)
+            # synchronous=True even under MLFLOW_ENABLE_ASYNC_LOGGING: a failure must be known here, not later
+            self._mlflow_client.log_batch(self._run_id, metrics=metrics, synchronous=True)
             del self._pending[: len(self._in_flight)]
             self._in_flight = []
         while self._pending_artifacts:

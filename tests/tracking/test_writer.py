@@ -140,7 +140,9 @@ def test_values_land_in_order_after_flush_and_the_status_after_them(store):
 
 
 @pytest.mark.parametrize("synchronous", [False, True])
-def test_a_failure_of_the_writer_is_reported_and_training_goes_on(synchronous, store, tmp_path, caplog):
+def test_a_failure_of_the_writer_is_reported_and_training_goes_on(synchronous, store, tmp_path, caplog, monkeypatch):
+    # MLflow's own asynchronous logging switched on for the process: our writes still learn of a failure at once
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
     # the store refuses a value (MLflow's 250-character key limit) and the fallback folder cannot be written (a
     # path through a regular file): the values are neither in the store nor on disk
     (tmp_path / "a-file").write_text("")
