@@ -19,6 +19,8 @@ PER_RUN_PARAMS = frozenset(
         "run_name",
         "logger.mlflow.run_name",
         "logger.mlflow.tracking_uri",
+        "logger.mlflow.synchronous",  # how metrics were written (thread, queue), not what was trained
+        "logger.mlflow.max_queued",
         "paths.output_dir",
         "trainer.default_root_dir",
         "callbacks.model_checkpoint.dirpath",

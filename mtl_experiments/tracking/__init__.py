@@ -3,6 +3,7 @@
 - ``store``: the tracking URI, the start-up check that the store answers and can be written, the experiment;
 - ``metadata``: what a run records about itself (tags, params, config artifacts);
 - ``logger``: ``ResilientMLFlowLogger`` (buffers through outages, skips resumed steps), final status, ``replay``;
+- ``writer``: ``BackgroundWriter``, the one thread that writes the logger's queued metrics in order;
 - ``resume``: reopening a resumed run;
 - ``dataset``: the run's dataset as an MLflow dataset input, its console log as an artifact;
 - ``ui``: the experiment kind and the links that open the MLflow UI on the runs;

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mtl_experiments import tracking
 from mtl_experiments.tracking.writer import BackgroundWriter
+from tests.conftest import fresh_store
 
 
 def test_writer_keeps_the_order_and_hands_over_waiting_items_in_batches():
@@ -112,9 +113,9 @@ def test_short_http_retries_hold_while_any_thread_is_inside():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One SQLite store for this module's tests (creating MLflow's schema takes seconds); each test its experiment."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(tmp_path_factory, empty_store) -> str:
+    """One SQLite store for this module's tests (a copy of conftest's empty store); each test its experiment."""
+    return fresh_store(empty_store, tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
