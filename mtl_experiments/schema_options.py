@@ -69,7 +69,7 @@ OPTIONS: dict[str, dict[str, dict[str, Check]]] = {
             "test_shards": texts,
             "shuffle_buffer": rule(checks.non_negative_int),
             "on_bad_shard": one_of("stop", "skip"),
-            "auroc_bins": nullable(COUNT),
+            "auroc_bins": nullable(rule(checks.integer, low=2, hint="score bins of [0, 1], e.g. 10000")),
         },
         "synthetic": {"scale": POSITIVE},
     },

@@ -104,6 +104,7 @@ BAD_INPUTS = [
     (["data=kuairand", "data.logs=weekly"], ["data.logs must be 'standard', 'random', 'all' or a list", "'weekly'"]),
     (["data=movielens", "data.split=by_time"], ["data.split must be one of ['random', 'cold_user',", "temporal"]),
     (["data=stream", "data.split=by_day"], ["data.split must be one of", "'shards'", "data.val_shards"]),
+    (["data=stream", "data.auroc_bins=1"], ["data.auroc_bins must be an integer >= 2, got 1", "score bins"]),
     (["data=tabular", "data.numeric=age"], ["data.numeric must be a list of names, got 'age'", "[age, city]"]),
     (["data.scale=0"], ["data.scale must be a finite number > 0, got 0"]),
 ]
