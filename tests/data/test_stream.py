@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import shutil
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mtl_experiments.data.stream import StreamDataModule
+from mtl_experiments.data.stream import StreamDataModule, allocator
 from mtl_experiments.data.stream.loader import StreamLoader, interleaved_skip, tensors
 from mtl_experiments.data.stream.shards import SPLIT_CODES
 from mtl_experiments.errors import ConfigError, DataError
@@ -66,6 +68,36 @@ def loader(dm, split="train", rank=0, world=1, workers=0, **kwargs) -> StreamLoa
 
 def row_ids(batches) -> list[int]:
     return [int(i) for b in batches for i in b["row_id"]]
+
+
+CHURN = """
+import importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[1])
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+if sys.argv[2] == "on":
+    assert allocator.reuse_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for k in range(40):  # growing 4-6.5 MB buffers, each freed: a training step's temporaries
+    buffer = bytearray(4 * 2**20 + k * 2**16)
+    del buffer
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_buffers_are_reused_instead_of_faulted_in_again():
+    """In a fresh interpreter (a test process's allocator has been warmed by everything before it): by default glibc
+    maps each buffer above its threshold and unmaps it when freed, so every one is page-faulted in anew (~1,000-1,600
+    faults each); with ``reuse_freed_memory`` the heap keeps them and only its growth faults."""
+
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", CHURN, allocator.__file__, mode], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    default, reused = faults("off"), faults("on")
+    assert default > 40 * 1000 and reused < default / 10
 
 
 def test_a_kept_batch_does_not_keep_its_block_alive():

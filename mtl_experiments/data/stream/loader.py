@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtl_experiments.data.base import LoaderPosition
+from mtl_experiments.data.stream.allocator import reuse_freed_memory
 from mtl_experiments.data.stream.shards import SPLIT_CODES
 from mtl_experiments.data.stream.stats import row_groups
 from mtl_experiments.errors import DataError
@@ -215,6 +216,7 @@ class StreamLoader(LoaderPosition):
         return sum(self.counts(self.plan(self.epoch)))
 
     def __iter__(self) -> Iterator[dict]:
+        reuse_freed_memory()  # the training process's allocator (see there); the workers inherit it
         epoch, skip = self.begin_epoch()
         plan = self.plan(epoch)
         counts = self.counts(plan)
