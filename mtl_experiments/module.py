@@ -5,7 +5,7 @@ Manual optimization, one path, each a call in ``training_step``:
    and divergence checks (``module.nonfinite``, ``module.divergence``: ``mtl_experiments/divergence.py``);
 2. per-task gradients, once, for everything that needs them this step (``grads.plan``: the weighting's
    inputs, the conflict metrics' inputs, the shared parameters for the lookahead affinity);
-3. ``weights = weighting.backward(losses, grads, shared, self.manual_backward)`` (one real backward), then
+3. ``weights = weighting.backward(losses, grads, shared, backward_fn)`` (one real backward: ``manual_backward``), then
    gradient clipping (Lightning clips nothing under manual optimization);
 4. the conflict metrics and the lookahead affinity (``metrics/conflict.py``, ``grads.lookahead_affinity``),
    measured every ``conflict.every_n_steps`` / ``affinity_every_n_steps`` optimizer steps from that same G;
@@ -20,7 +20,7 @@ batch (the ranks' shares together), so every rank applies the same update and th
 - ``G`` is taken on this rank's share with ``autograd.grad`` (DDP's hooks do not fire) and made the global
   batch's ``G`` *before* anything aggregates or measures it (``grads.sync_task_gradients``: the mean over
   ranks for parameters, the gathered batch for the representation);
-- the one real backward (``manual_backward``) runs inside DDP, which averages every parameter's gradient,
+- the one real backward (``manual_backward``, excluding nothing) runs inside DDP, which averages every gradient,
   the non-shared parameters' included; a gradient-level method then overwrites the shared parameters'
   averaged gradient with its aggregate of the global ``G``, after DDP's reduction has finished, so the
   update is neither averaged twice nor lost. Conflict metrics use the same global ``G`` (rank 0 logs).
@@ -44,7 +44,7 @@ from mtl_experiments.divergence import DivergenceConfig, DivergenceDetector, glo
 from mtl_experiments.errors import ConfigError, NonFiniteLossError
 from mtl_experiments.grads import gather_batch, global_losses, lookahead_affinity, mean_over_ranks, world_size
 from mtl_experiments.kept_outputs import KeptOutputs
-from mtl_experiments.loss.base import Weighting
+from mtl_experiments.loss.base import Weighting, backward_for
 from mtl_experiments.metrics.conflict import ConflictConfig, ConflictTracker
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.optimizer.sparse_adam import check_sparse_training
@@ -329,7 +329,7 @@ class MTLModule(pl.LightningModule):
         """The weighting's one real backward (weights ``[T]`` returned), then gradient clipping."""
         opt.zero_grad()
         with self._full_precision():
-            weights = self.step_weighting.backward(losses, task_grads, shared, self.manual_backward)
+            weights = self.step_weighting.backward(losses, task_grads, shared, backward_for(self.manual_backward, opt))
         if self.divergence is not None:
             self._check_norms()
         if self.gradient_clip_val > 0:

@@ -2,8 +2,9 @@
 
 A weighting turns the per-task losses (and, if it asks for them, the per-task gradients ``G[T, P]``
 of the shared dense parameters or of the shared representation) into exactly one real backward pass,
-and reports the weights it applied. The training step calls ``backward`` and the named hooks and
-never asks which method it runs.
+and reports the weights it applied. ``backward_fn(total, exclude=params)`` may leave out parameters
+whose gradient the weighting then sets itself (``backward_excluding``). The training step calls ``backward``
+and the named hooks and never asks which method it runs.
 
 - ``LossWeighting``: methods that only combine losses; implement ``forward(losses) -> (total, weights)``.
 - ``GradientAggregation``: methods that map ``G`` to one update of the shared parameters (PCGrad,
@@ -18,7 +19,7 @@ the same update and the same state, and the replicas stay identical without any 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,10 +72,13 @@ class Weighting(nn.Module):
         losses: Tensor,
         task_grads: Tensor | None,
         shared_params: Sequence[nn.Parameter],
-        backward_fn: Callable[[Tensor], None],
+        backward_fn: Callable[..., None],
     ) -> Tensor:
-        """Run exactly one ``backward_fn(total)`` (Lightning's ``manual_backward``); return weights ``[T]``.
+        """Run exactly one ``backward_fn(total)`` or ``backward_fn(total, exclude=params)``; return weights ``[T]``.
 
+        ``exclude``: parameters whose ``.grad`` this method writes itself right after the call; the call may skip
+        them (their weight-gradient products; the module's does on one device, ``backward_excluding``) or compute
+        them (under DDP, and a plain ``total.backward()``), so the method overwrites them either way.
         ``task_grads`` is None when the method needs none, or when the backbone shares nothing.
         """
         raise NotImplementedError
@@ -102,6 +106,38 @@ class LossWeighting(Weighting):
         total, weights = self(losses)
         backward_fn(total)
         return weights.detach()
+
+
+def backward_excluding(
+    backward: Callable[..., None], total: Tensor, params: Iterable[Tensor], exclude: Collection[Tensor] = ()
+) -> None:
+    """The real backward of ``total`` into every trainable tensor of ``params`` except ``exclude`` (``backward``:
+    Lightning's ``manual_backward``, which hands ``inputs`` on to ``Tensor.backward``): autograd still flows through
+    the excluded layers to the parameters below them, but computes no gradient for the excluded ones (on the recsys
+    MMoE the experts' weight-gradient product, ~1/3 of the backward). Nothing excluded: ``backward(total)``; nothing
+    left to accumulate into: no call (the one backward's gradients are all set by the weighting)."""
+    if not exclude:
+        backward(total)
+        return
+    skip = {id(p) for p in exclude}
+    inputs = [p for p in params if p.requires_grad and id(p) not in skip]
+    if inputs:
+        backward(total, inputs=inputs)
+
+
+def backward_for(backward: Callable[..., None], optimizer: torch.optim.Optimizer) -> Callable[..., None]:
+    """The ``backward_fn`` the training step hands a weighting: ``backward_fn(total, exclude=())`` runs
+    ``backward_excluding`` over the optimizer's parameters (``backward``: Lightning's ``manual_backward``). Under
+    ``torch.distributed`` (DDP) it excludes nothing: DDP's reducer waits for every parameter's gradient hook, so a
+    parameter left out would hang or fail the step; the weighting overwrites the excluded gradients either way."""
+
+    def backward_fn(total: Tensor, exclude: Collection[Tensor] = ()) -> None:
+        if exclude and torch.distributed.is_available() and torch.distributed.is_initialized():
+            exclude = ()
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        backward_excluding(backward, total, params, exclude)
+
+    return backward_fn
 
 
 def run_seed(seed: int | None) -> int:
@@ -181,7 +217,8 @@ class GradientAggregation(Weighting):
 
     With ``grad_source=params`` the update replaces the shared parameters' gradient, and every other
     parameter (towers, heads, embeddings) gets the gradient of Σ_t L_t from the one real backward
-    (a task-specific parameter is reached only by its own task, so that is its own task's gradient).
+    (a task-specific parameter is reached only by its own task, so that is its own task's gradient), which
+    excludes the shared parameters (``backward_fn(..., exclude=shared)``: their gradient would be overwritten).
     With ``grad_source=representation`` the aggregator's weights are computed on the gradients of the
     shared representation and the real backward is of Σ_t w_t·L_t (MGDA-UB).
     When the backbone shares no parameters (single_task) there is nothing to aggregate: Σ_t L_t.
@@ -205,9 +242,9 @@ class GradientAggregation(Weighting):
         if self.grad_source == "representation":
             backward_fn((weights.detach().to(losses.dtype) * losses).sum())
             return weights.detach()
-        backward_fn(losses.sum())
-        # after the backward (under DDP: after DDP has averaged every gradient): the shared parameters get the
-        # aggregate instead; every rank aggregated the same global G, so nothing needs averaging again
+        backward_fn(losses.sum(), exclude=shared_params)
+        # after the backward (under DDP, which excludes nothing: after DDP has averaged every gradient): the shared
+        # parameters get the aggregate; every rank aggregated the same global G, so nothing needs averaging again
         offset = 0
         for p in shared_params:
             n = p.numel()

@@ -44,7 +44,9 @@ class DBMTL(GradientAggregation):
         if task_grads is not None:
             task_grads = task_grads / scale.to(task_grads.dtype).unsqueeze(1)
         # the base runs the one backward and writes d into the shared parameters; its backward is of Σ log(L + ε)
-        weights = super().backward(losses, task_grads, shared_params, lambda _: backward_fn(log_total))
+        weights = super().backward(
+            losses, task_grads, shared_params, lambda _, exclude=(): backward_fn(log_total, exclude=exclude)
+        )
         return (weights / scale.to(weights.dtype)).detach()
 
     @torch.no_grad()

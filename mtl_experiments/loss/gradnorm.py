@@ -12,6 +12,8 @@ the backbone). At each step t:
 
 The model is updated by ∇(Σ_t w_t·L_t) with the weights of this step (one real backward); w is
 updated only by ∇_w L_grad, with its own optimizer, then renormalised so Σ_t w_t = T (Algorithm 1).
+W's part of that gradient is Σ_t w_t·∇_W L_t, formed from the rows of G the step already has (summed in float64):
+the real backward excludes W (``backward_fn(..., exclude=[W])``) and skips W's weight-gradient product.
 
 Choices the paper leaves open, made here:
 - w's optimizer: ``optimizer``, any ``torch.optim`` class as a Hydra partial (``_partial_: true``), by
@@ -32,8 +34,8 @@ acts as equal weighting, w fixed at 1 (the module warns).
 
 Cost per step beyond ``equal``: T backward passes, each from one task's own loss to W (``grads.task_gradients``), and
 the T-vector bookkeeping below (~0.3 ms on CPU, Adam's step on w ~50 µs of it). Each pass ends in W's weight-gradient
-product, the one the real backward also computes (on the recsys MMoE, W is the experts' only layer), so exact norms
-cost T such products: ~1.4x ``equal`` there at T=2 (docs/results.md, issue 17).
+product (on the recsys MMoE, W is the experts' only layer), so exact norms cost T such products; the real backward
+computes none for W (above). Measured in docs/results.md (issue 17).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 
 from mtl_experiments import checks
 from mtl_experiments.errors import ConfigError
-from mtl_experiments.loss.base import Weighting
+from mtl_experiments.loss.base import Weighting, combine
 from mtl_experiments.tasks import Task
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ class GradNorm(Weighting):
             checks.fail("loss.layer", "null or a module path inside the backbone", layer)
         self.layer = layer
         self.layer_path: str | None = None  # resolved in setup()
+        self.layer_index: int | None = None  # W's position in model.shared_parameters() (the step's shared_params)
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer_state: dict | None = None  # loaded before the optimizer exists
         self._steps = 0  # GradNorm updates done
@@ -92,6 +95,9 @@ class GradNorm(Weighting):
         self.register_buffer("w", torch.ones(self.num_tasks))
         if model is not None:
             self.layer_path = self._resolve_layer(model)
+            if self.layer_path is not None:
+                weight = model.backbone.get_submodule(self.layer_path).weight
+                self.layer_index = [id(p) for p in model.shared_parameters()].index(id(weight))
 
     def _resolve_layer(self, model: MultiTaskModel) -> str | None:
         """The module path (inside the backbone) whose ``.weight`` is W; None when nothing is shared."""
@@ -130,9 +136,23 @@ class GradNorm(Weighting):
             backward_fn(losses.sum())
             return torch.ones_like(losses).detach()
         weights = self.w.detach().clone()  # w(t): the model's update uses this step's weights
-        backward_fn((weights.to(losses.dtype) * losses).sum())
+        total = (weights.to(losses.dtype) * losses).sum()
+        layer = self._layer_weight(shared_params, task_grads)
+        if layer is None:
+            backward_fn(total)
+        else:  # W's gradient of Σ_t w_t·L_t is Σ_t w_t·G_t: from G, not from another weight-gradient product
+            backward_fn(total, exclude=[layer])
+            layer.grad = combine(weights.to(losses.dtype), task_grads).view_as(layer).to(layer.dtype)
         self._update_weights(losses.detach(), task_grads.detach())
         return weights
+
+    def _layer_weight(self, shared_params, task_grads: Tensor) -> nn.Parameter | None:
+        """W among the step's shared parameters (the model's ``shared_parameters()``, in order), when set up with a
+        model and G is over W alone; None (a plain backward, W's gradient from it) otherwise."""
+        index = self.layer_index
+        if index is None or index >= len(shared_params) or shared_params[index].numel() != task_grads.shape[1]:
+            return None
+        return shared_params[index]
 
     def _update_weights(self, losses: Tensor, task_grads: Tensor) -> None:
         losses = losses.to(self.w.dtype)

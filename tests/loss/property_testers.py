@@ -341,7 +341,7 @@ def check_losses(name: str, prop: str, dtype: torch.dtype) -> list[str]:
         v = torch.tensor(values, dtype=dtype)
         losses = v * theta
         grads = torch.diag(v) if w.needs_task_grads else None
-        weights = w.backward(losses, grads, [theta], lambda total: total.backward())
+        weights = w.backward(losses, grads, [theta], lambda total, exclude=(): total.backward())
         w.after_optimizer_step(losses.detach())
         if step % 2 == 1:
             w.on_train_epoch_end(step // 2)

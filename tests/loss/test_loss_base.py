@@ -37,7 +37,7 @@ def test_gradient_aggregation_writes_the_update_into_shared_grads_only():
     g = task_gradients(losses, params)
     agg = MeanAggregation()
     agg.setup({"a": None, "b": None})
-    weights = agg.backward(losses, g, params, lambda total: total.backward())
+    weights = agg.backward(losses, g, params, lambda total, exclude=(): total.backward())
     assert weights.tolist() == [0.5, 0.5]
     flat = torch.cat([p.grad.flatten() for p in params])
     assert torch.allclose(flat, g.mean(0))
@@ -49,7 +49,7 @@ def test_gradient_aggregation_writes_the_update_into_shared_grads_only():
 
 def test_gradient_aggregation_without_shared_parameters_is_the_sum():
     theta, losses = toy_problem()
-    weights = MeanAggregation().backward(losses, None, [], lambda total: total.backward())
+    weights = MeanAggregation().backward(losses, None, [], lambda total, exclude=(): total.backward())
     assert weights.tolist() == [1.0, 1.0, 1.0]
     theta2, losses2 = toy_problem()
     assert torch.allclose(theta.grad, torch.autograd.grad(losses2.sum(), theta2)[0])
@@ -128,7 +128,7 @@ def test_backward_writes_the_update_into_the_shared_parameters(name, grad_source
     w = method(name, THREE, grad_source=grad_source)
     w.setup(THREE, model)
     grads = task_gradients(losses, w.task_grad_inputs(model))
-    weights = w.backward(losses, grads, list(shared.parameters()), lambda total: total.backward())
+    weights = w.backward(losses, grads, list(shared.parameters()), lambda total, exclude=(): total.backward())
     assert weights.shape == (3,) and torch.isfinite(weights).all() and not weights.requires_grad
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in shared.parameters())
     if grad_source == "params" and name != "graddrop":  # weighted-sum methods: the update is Gᵀw

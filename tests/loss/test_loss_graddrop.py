@@ -97,7 +97,7 @@ def test_graddrop_on_the_representation_uses_the_sign_of_a_and_the_batch_sum():
         gd = GradDrop(grad_source="representation", seed=seed)
         gd.setup(TWO, model)
         grads = task_gradients(losses, gd.task_grad_inputs(model))
-        weights = gd.backward(losses, grads, [weight], lambda total: total.backward())
+        weights = gd.backward(losses, grads, [weight], lambda total, exclude=(): total.backward())
         assert weights.shape == (2,) and torch.isfinite(weights).all()
         # only task a's gradient reaches W: Σ_b (0, -2)_b·x_b = 2 (the plain sum would give 3)
         assert weight.grad.item() == pytest.approx(2.0, abs=1e-12)
