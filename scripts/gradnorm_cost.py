@@ -3,10 +3,12 @@
     OMP_NUM_THREADS=1 python scripts/gradnorm_cost.py --model recsys --tasks 2   # also: --model mmoe665k, --tasks 4
 
 Rows (median, first quartile and minimum of ``--repeats`` calls, ``time.process_time``, so other processes on a busy
-machine count less): the forward (graph kept), the real backward over every parameter, G over GradNorm's W
-(``grads.task_gradients``: each row from its task's own loss; with ``--old`` also the batched backward through the
-stacked losses that it replaced), G over all shared parameters, and ``GradNorm.backward`` with the real backward left
-out (the T-vector bookkeeping: norms, loss ratios, L_grad's gradient, Adam on w, Σw = T).
+machine count less): the forward (graph kept), the real backward over every parameter and without the parameters a
+weighting sets itself (W for GradNorm, every shared one for a gradient method: ``backward_fn(..., exclude=...)``),
+G over GradNorm's W (``grads.task_gradients``: each row from its task's own loss; with ``--old`` also the batched
+backward through the stacked losses that it replaced), G over all shared parameters, and ``GradNorm.backward`` with the
+real backward left out (the T-vector bookkeeping: norms, loss ratios, L_grad's gradient, Adam on w, Σw = T, and now
+W's gradient Σ_t w_t·G_t).
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def main() -> None:
         "real backward, all parameters": lambda: torch.autograd.grad(
             losses.sum(), list(model.parameters()), retain_graph=True, allow_unused=True
         ),
+        "real backward, W excluded (GradNorm)": lambda: torch.autograd.grad(
+            losses.sum(), [p for p in model.parameters() if p is not W], retain_graph=True, allow_unused=True
+        ),
+        "real backward, shared excluded (gradient)": lambda: torch.autograd.grad(
+            losses.sum(), [p for p in model.parameters() if all(p is not q for q in shared)], retain_graph=True
+        ),
         "G over W (each task's own loss)": lambda: grads.task_gradients(losses, [W]),
         "G over all shared parameters": lambda: grads.task_gradients(losses, shared),
     }
@@ -82,7 +90,7 @@ def main() -> None:
     G = grads.task_gradients(losses, [W])
 
     def bookkeeping():  # GradNorm.backward with the real backward left out (its own row above)
-        return weighting.backward(losses.detach(), G, shared, lambda total: None)
+        return weighting.backward(losses.detach(), G, shared, lambda total, exclude=(): None)
 
     rows["GradNorm.backward without the real backward"] = bookkeeping
     print(f"{args.model}, T={args.tasks}: W {tuple(W.shape)}, {sum(p.numel() for p in shared):,} shared parameters")
