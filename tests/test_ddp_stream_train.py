@@ -18,8 +18,10 @@ hosts and GPUs (NCCL).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,13 +54,32 @@ def start(form: str, tmp: Path, log: Path, uri: str) -> list[subprocess.Popen]:
     args = [str(ROOT / "train.py"), *JOB, f"data.path={log}", f"logger.mlflow.tracking_uri={uri}",
             f"hydra.run.dir={tmp / form}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port, io = free_port(), dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    port = free_port()
     if form == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={form}",
                   "--max-restarts=0", *args]  # fmt: skip
-        return [subprocess.Popen(launch, env=env, **io) for _ in range(2)]
-    return [subprocess.Popen([sys.executable, *args], env={**env, **slurm_env(r, port)}, **io) for r in (0, 1)]
+        commands = [(launch, env) for _ in (0, 1)]
+    else:
+        commands = [([sys.executable, *args], {**env, **slurm_env(r, port)}) for r in (0, 1)]
+    nodes = []
+    for r, (cmd, node_env) in enumerate(commands):
+        with open(tmp / f"{form}-node{r}.log", "w") as out:  # a file, not a pipe: nothing blocks on a full pipe
+            nodes.append(subprocess.Popen(cmd, env=node_env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                                          start_new_session=True))  # fmt: skip
+    return nodes
+
+
+def wait(nodes: list[subprocess.Popen], timeout: float = 600) -> None:
+    """Until every node has ended; once one fails (its peers would wait for it until DDP's timeout) or the time is
+    up, the others are stopped with their process groups (a launcher's worker too)."""
+    deadline = time.monotonic() + timeout
+    while any(n.poll() is None for n in nodes) and not any(n.returncode for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +90,9 @@ def jobs(tmp_path_factory, empty_store):
     write_log(log, rows=600, shards=3, seed=5, row_group=100, num_users=60, num_items=30, latent_dim=4)
     uris = {form: fresh_store(empty_store, tmp / form / "mlflow.db") for form in FORMS}
     procs = {form: start(form, tmp, log, uris[form]) for form in FORMS}
+    wait([node for nodes in procs.values() for node in nodes])
     for form, nodes in procs.items():
-        out = [node.communicate(timeout=600)[0] for node in nodes]
+        out = [(tmp / f"{form}-node{r}.log").read_text() for r in (0, 1)]
         assert [n.returncode for n in nodes] == [0, 0], f"{form}:\n" + out[0][-3000:] + "\n---\n" + out[1][-3000:]
         ranks = [f"GLOBAL_RANK: {r}, MEMBER: {r + 1}/2" for r in (0, 1)]  # Lightning's line: the ranks it was given
         assert all(any(rank in text for text in out) for rank in ranks), form
