@@ -289,8 +289,10 @@ def plan(model: Any, weighting: Any, conflict: Any, step: int, shared: list | No
     measured = conflict is not None and conflict.config.every_n_steps > 0
     if conflict is not None and shared is None:
         shared = list(model.shared_parameters())
-    source = conflict.config.source if measured else None
-    conflict_inputs = shared if source == "params" else grad_inputs(model, source) if measured else None
+    conflict_inputs = None
+    if measured:  # the shared parameters listed once: the params source's inputs are that list
+        source = conflict.config.source
+        conflict_inputs = shared if source == "params" else grad_inputs(model, source)
     return StepGradients(
         weighting=weighting_inputs,
         conflict=conflict_inputs if measured and conflict.measures(step) else None,
