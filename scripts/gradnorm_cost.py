@@ -40,11 +40,11 @@ def through_stack(fn):
     """``fn`` with ``task_gradients``'s former path: the batched backward from the stacked losses."""
 
     def run():
-        grads.EDGE_OUTPUTS = False
+        edges, grads.EDGE_OUTPUTS = grads.EDGE_OUTPUTS, False
         try:
             return fn()
         finally:
-            grads.EDGE_OUTPUTS = True
+            grads.EDGE_OUTPUTS = edges  # as it was (False already on torch < 2.4)
 
     return run
 
