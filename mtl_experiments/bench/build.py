@@ -8,7 +8,6 @@ or validation, so only training is timed.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from mtl_experiments import pipeline
-from mtl_experiments.bench.timing import StepTimer
+from mtl_experiments.bench.timing import Seconds, StepTimer, Stopwatch
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.model import MultiTaskModel
 from mtl_experiments.module import MTLModule
@@ -80,13 +79,13 @@ def bare_trainer(epochs: int, callbacks=(), log_every_n_steps: int = 50, **limit
 
 def lightning_fit(
     cfg: DictConfig, datamodule: TabularDataModule, epochs: int, callbacks=(), log_every_n_steps: int = 50
-) -> float:
-    """Seconds of ``Trainer.fit`` alone for a freshly built ``MTLModule``."""
+) -> Seconds:
+    """Seconds of ``Trainer.fit`` alone for a freshly built ``MTLModule`` (wall; ``.cpu``: process CPU)."""
     module = build_module(cfg, datamodule)
     trainer = bare_trainer(epochs, callbacks, log_every_n_steps)
-    start = time.perf_counter()
+    clock = Stopwatch()
     trainer.fit(module, datamodule=datamodule)
-    return time.perf_counter() - start
+    return clock.elapsed()
 
 
 def step_ms(cfg: DictConfig, datamodule: TabularDataModule, epochs: int, log_every_n_steps: int = 50) -> float:

@@ -13,14 +13,13 @@ method needs it, then its plain sum applied (equal weights), no aggregation.
 
 from __future__ import annotations
 
-import time
-
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
 from mtl_experiments.bench.build import bare_trainer, build_model, build_optimizer
+from mtl_experiments.bench.timing import Seconds, Stopwatch
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.loss.base import GradientAggregation
 
@@ -46,14 +45,14 @@ class FloorModule(pl.LightningModule):
         opt.step()
 
 
-def floor_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+def floor_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> Seconds:
     """Seconds of ``Trainer.fit`` alone for ``FloorModule`` on a freshly built model (the plain loop's weights)."""
     model = build_model(cfg, datamodule)
     module = FloorModule(model, datamodule.tasks, build_optimizer(cfg, model))
     trainer = bare_trainer(epochs)
-    start = time.perf_counter()
+    clock = Stopwatch()
     trainer.fit(module, datamodule=datamodule)
-    return time.perf_counter() - start
+    return clock.elapsed()
 
 
 class GradientFloor(GradientAggregation):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +25,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_experiments import pipeline
+from mtl_experiments.bench.timing import Seconds, Stopwatch
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.data.spec import FeatureSpec
 from mtl_experiments.errors import ConfigError
@@ -107,11 +107,11 @@ def build_rechub(cfg: DictConfig, datamodule: TabularDataModule):
     return trainer, loaders[0]
 
 
-def rechub_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+def rechub_fit(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> Seconds:
     trainer, loader = build_rechub(cfg, datamodule)
     # its trainer has no switch for its tqdm bar and per-epoch print: they still run, into /dev/null
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-        start = time.perf_counter()
+        clock = Stopwatch()
         for _ in range(epochs):
             trainer.train_one_epoch(loader)
-        return time.perf_counter() - start
+        return clock.elapsed()

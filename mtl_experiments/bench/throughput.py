@@ -28,7 +28,8 @@ The optimizer is the configured one (``optimizer=adam`` by default) over the sam
 ``MTLModule.configure_optimizers``. The plain loops sum the task losses (equal weighting, the default
 ``loss=equal``); the Lightning path uses the configured weighting. After one untimed warm-up epoch per
 contender the contenders run interleaved (``bench.timing``); the table reports the median samples/s of each
-and ratios of medians.
+and ratios of medians, by wall time and by the process's CPU time over the same span (``cpu_samples_per_s``,
+``cpu_ratios``, ``own_cpu_us_per_step`` in ``--json``; the wall-time keys keep their meaning).
 
 ``--census`` is the census setting in one flag: ``experiment=census_mmoe`` (Census-Income, embeddings
 of 4, 8 experts of 16, towers of 8, Adam 1e-3 / 1e-4, batch 1024; 21.3k parameters) and the contenders
@@ -38,7 +39,6 @@ of 4, 8 experts of 16, towers of 8, Adam 1e-3 / 1e-4, batch 1024; 21.3k paramete
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -58,7 +58,7 @@ from mtl_experiments.bench.build import (
 )
 from mtl_experiments.bench.floor import floor_fit
 from mtl_experiments.bench.rechub import RECHUB, RECHUB_INSTALL, build_rechub, rechub_fit, rechub_missing
-from mtl_experiments.bench.timing import interleaved, medians
+from mtl_experiments.bench.timing import Seconds, Stopwatch, interleaved, medians
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.data.spec import gather, num_rows
 
@@ -81,20 +81,20 @@ def train_step(model, tasks, optimizer, batch: dict) -> None:
     optimizer.step()
 
 
-def plain_sliced(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+def plain_sliced(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> Seconds:
     model, tasks = build_model(cfg, datamodule), datamodule.tasks
     optimizer = build_optimizer(cfg, model)
     model.train()
     split, batch_size = datamodule.splits["train"], datamodule.batch_size
     n = num_rows(split)
-    start = time.perf_counter()
+    clock = Stopwatch()
     for epoch in range(epochs):
         # the same batch order as TensorBatchLoader: its own generator, seeded per epoch
         g = torch.Generator().manual_seed(datamodule.shuffle_seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g)
         for lo in range(0, n, batch_size):
             train_step(model, tasks, optimizer, gather(split, order[lo : lo + batch_size]))
-    return time.perf_counter() - start
+    return clock.elapsed()
 
 
 class PerSampleDataset(Dataset):
@@ -110,7 +110,7 @@ class PerSampleDataset(Dataset):
         return gather(self.split, i)
 
 
-def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> float:
+def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int) -> Seconds:
     model, tasks = build_model(cfg, datamodule), datamodule.tasks
     optimizer = build_optimizer(cfg, model)
     model.train()
@@ -120,18 +120,18 @@ def plain_dataloader(cfg: DictConfig, datamodule: TabularDataModule, epochs: int
         shuffle=True,
         generator=torch.Generator().manual_seed(datamodule.shuffle_seed),
     )
-    start = time.perf_counter()
+    clock = Stopwatch()
     for _ in range(epochs):
         for batch in loader:
             train_step(model, tasks, optimizer, batch)
-    return time.perf_counter() - start
+    return clock.elapsed()
 
 
 def contenders(
     cfg: DictConfig, datamodule: TabularDataModule, rechub: bool, census: bool
-) -> tuple[dict[str, Callable[[int], float]], dict[str, int], dict[str, str]]:
+) -> tuple[dict[str, Callable[[int], Seconds]], dict[str, int], dict[str, str]]:
     """The timed runs (epochs -> seconds), the parameter counts, and why a contender is skipped."""
-    runs: dict[str, Callable[[int], float]] = {
+    runs: dict[str, Callable[[int], Seconds]] = {
         PLAIN: lambda e: plain_sliced(cfg, datamodule, e),
         LIGHTNING: lambda e: lightning_fit(cfg, datamodule, e),
         LIGHTNING_FLOOR: lambda e: floor_fit(cfg, datamodule, e),
@@ -157,13 +157,17 @@ def contenders(
 
 
 def measure(
-    runs: dict[str, Callable[[int], float]], epochs: int, repeats: int, samples_per_epoch: int
-) -> dict[str, list[float]]:
-    """One untimed 1-epoch warm-up each, then ``repeats`` interleaved rounds; samples/s per run."""
+    runs: dict[str, Callable[[int], Seconds]], epochs: int, repeats: int, samples_per_epoch: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """One untimed 1-epoch warm-up each, then ``repeats`` interleaved rounds; samples/s per run and round, by wall
+    time and by the process's CPU time over the same spans."""
     for run in runs.values():
         run(1)
-    rates = {name: (lambda run=run: epochs * samples_per_epoch / run(epochs)) for name, run in runs.items()}
-    return interleaved(rates, repeats)
+    spans = interleaved({name: (lambda run=run: run(epochs)) for name, run in runs.items()}, repeats)
+    samples = epochs * samples_per_epoch
+    by_wall = {name: [samples / s for s in values] for name, values in spans.items()}
+    by_cpu = {name: [samples / s.cpu for s in values] for name, values in spans.items()}
+    return by_wall, by_cpu
 
 
 def summarize(rates: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -180,17 +184,18 @@ def own_cost_us(median: dict[str, float], batch_size: int) -> float:
     return 1e6 * batch_size * (1 / median[LIGHTNING] - 1 / median[LIGHTNING_FLOOR])
 
 
-def report(rates: dict[str, list[float]], median: dict[str, float], title: str) -> None:
+def report(rates: dict[str, list[float]], median: dict[str, float], cpu_median: dict[str, float], title: str) -> None:
     table = Table(title=title)
     table.add_column("contender", no_wrap=True)
     table.add_column("median samples/s", justify="right")
     table.add_column(f"/ {PLAIN}", justify="right")
+    table.add_column(f"/ {PLAIN} by CPU time", justify="right")
     table.add_column("best samples/s", justify="right")
     table.add_column("runs (samples/s)", justify="right")
     for name, values in rates.items():
-        ratio = median[name] / median[PLAIN]
+        ratio, cpu_ratio = median[name] / median[PLAIN], cpu_median[name] / cpu_median[PLAIN]
         runs = " ".join(f"{v:,.0f}" for v in values)
-        table.add_row(name, f"{median[name]:,.0f}", f"{ratio:.2f}", f"{max(values):,.0f}", runs)
+        table.add_row(name, f"{median[name]:,.0f}", f"{ratio:.2f}", f"{cpu_ratio:.2f}", f"{max(values):,.0f}", runs)
     Console(width=max(120, len(title))).print(table)
 
 
@@ -215,6 +220,12 @@ def print_ratios(result: dict, census: bool) -> None:
         f"Lightning's floor: {LIGHTNING_FLOOR}/{PLAIN} = {floor:.2f}; {LIGHTNING}/{LIGHTNING_FLOOR} = "
         f"{ratios[f'{LIGHTNING}/{LIGHTNING_FLOOR}']:.2f}, MTLModule's own cost {result['own_us_per_step']:.0f} µs/step"
     )
+    cpu = result["cpu_ratios"]
+    print(
+        f"by process CPU time (steadier on a shared machine): {LIGHTNING}/{PLAIN} = {cpu[f'{LIGHTNING}/{PLAIN}']:.2f}, "
+        f"{LIGHTNING_FLOOR}/{PLAIN} = {cpu[f'{LIGHTNING_FLOOR}/{PLAIN}']:.2f}, {LIGHTNING}/{LIGHTNING_FLOOR} = "
+        f"{cpu[f'{LIGHTNING}/{LIGHTNING_FLOOR}']:.2f}, own cost {result['own_cpu_us_per_step']:.0f} µs/step of CPU"
+    )
     if RECHUB in median:
         print(f"ratio {LIGHTNING}/{RECHUB} = {ratios[f'{LIGHTNING}/{RECHUB}']:.2f} (target >= {RECHUB_TARGET:.2f})")
 
@@ -226,13 +237,14 @@ def run(overrides: list[str], epochs: int, repeats: int, rechub: bool = False, c
     datamodule = load_data(cfg)
     rows = num_rows(datamodule.splits["train"])
     runs, parameters, skipped = contenders(cfg, datamodule, rechub, census)
-    rates = measure(runs, epochs, repeats, rows)
+    rates, cpu_rates = measure(runs, epochs, repeats, rows)
     median, ratios = summarize(rates)
+    cpu_median, cpu_ratios = summarize(cpu_rates)
     title = (
         f"training throughput: {rows} train rows, batch {datamodule.batch_size}, {epochs} epoch(s) x "
         f"{repeats} round(s), {torch.get_num_threads()} threads"
     )
-    report(rates, median, title)
+    report(rates, median, cpu_median, title)
     result = {
         "overrides": overrides,
         "config": {
@@ -250,6 +262,11 @@ def run(overrides: list[str], epochs: int, repeats: int, rechub: bool = False, c
         "runs_samples_per_s": rates,
         "ratios": ratios,
         "own_us_per_step": own_cost_us(median, datamodule.batch_size),
+        # the same by process CPU time (all threads) over the same spans
+        "cpu_samples_per_s": cpu_median,
+        "runs_cpu_samples_per_s": cpu_rates,
+        "cpu_ratios": cpu_ratios,
+        "own_cpu_us_per_step": own_cost_us(cpu_median, datamodule.batch_size),
         "target_ratio": CENSUS_TARGET_RATIO if census else TARGET_RATIO,
         "skipped": skipped,
     }

@@ -2,7 +2,8 @@
 
 Timing on shared machines is noisy, so every measurement runs its contenders interleaved (A, B, C, A, B, C, ...)
 for ``--repeats`` rounds after an untimed warm-up, and reports medians (and ratios of medians): a slow phase of
-the machine hits every contender alike. The thread count is torch's default.
+the machine hits every contender alike. The thread count is torch's default. ``Stopwatch`` times a span in wall and
+process CPU seconds at once (``Seconds``), for the measurements that report both.
 
 Peak memory is the peak resident set size (``ru_maxrss``) minus the RSS after imports; tracemalloc cannot see
 torch's allocations, and a process has one peak, so each such measurement runs in a fresh process
@@ -41,6 +42,31 @@ def interleaved(runs: Mapping[K, Callable[[], V]], rounds: int) -> dict[K, list[
 
 def medians(values: Mapping[K, list[float]]) -> dict[K, float]:
     return {key: statistics.median(v) for key, v in values.items()}
+
+
+class Seconds(float):
+    """Wall seconds of a span, carrying the process's CPU seconds over the same span (all its threads) as ``cpu``.
+
+    A float, so callers that divide by the wall time are unchanged. CPU time is the steadier measure of work on a
+    shared machine: another process's load stretches wall time (waiting for a core) but enters CPU time only
+    through caches and clocks (docs/results.md, issue 17)."""
+
+    cpu: float
+
+    def __new__(cls, wall: float, cpu: float) -> Seconds:
+        value = super().__new__(cls, wall)
+        value.cpu = cpu
+        return value
+
+
+class Stopwatch:
+    """Started when made; ``elapsed()`` is the wall and process CPU time since, as ``Seconds``."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> Seconds:
+        return Seconds(time.perf_counter() - self.wall, time.process_time() - self.cpu)
 
 
 class StepTimer(pl.Callback):

@@ -44,6 +44,12 @@ def test_benchmark_script_writes_rates_and_ratios(tmp_path):
     assert "Lightning's floor: lightning_floor/plain" in proc.stdout
     assert all(ratio > 0 for ratio in result["ratios"].values())
     assert result["train_rows"] == 800 and result["overrides"] == ["data.num_samples=1000"]
+    # the same spans by process CPU time: every contender, the same ratio keys, the own cost from the CPU rates
+    assert set(result["cpu_samples_per_s"]) == contenders and set(result["cpu_ratios"]) == set(result["ratios"])
+    assert all(len(v) == 1 and v[0] > 0 for v in result["runs_cpu_samples_per_s"].values())
+    cpu_us = {k: 1e6 * result["batch_size"] / result["cpu_samples_per_s"][k] for k in ("lightning", "lightning_floor")}
+    assert result["own_cpu_us_per_step"] == pytest.approx(cpu_us["lightning"] - cpu_us["lightning_floor"])
+    assert "by process CPU time" in proc.stdout
 
 
 def test_methods_mode_reports_step_time_relative_to_equal(tmp_path):
