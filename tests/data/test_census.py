@@ -4,7 +4,6 @@ per-feature embedding dimensions of the feature layer."""
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -208,10 +207,8 @@ def test_config_errors(tmp_path):
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"the real Census-Income files are not at {REAL}")
-def test_real_files_follow_the_mmoe_protocol(tmp_path, train_run):
-    start = time.perf_counter()
+def test_real_files_follow_the_mmoe_protocol(tmp_path, train_run, monkeypatch):
     dm = module(REAL, tmp_path)
-    first = time.perf_counter() - start
     s = dm.splits
     assert len(s["train"]["labels"]["income"]) == 199_523
     assert len(s["val"]["labels"]["income"]) + len(s["test"]["labels"]["income"]) == 99_762
@@ -221,9 +218,16 @@ def test_real_files_follow_the_mmoe_protocol(tmp_path, train_run):
         assert float(s[split]["labels"]["income"].mean()) == pytest.approx(0.062, abs=0.002)
     assert float(s["train"]["labels"]["marital"].mean()) == pytest.approx(0.433, abs=0.002)
     assert dm.feature_spec.categorical["state_prev_res"] == 51  # 50 values + the missing/unseen id
-    start = time.perf_counter()
-    module(REAL, tmp_path)
-    assert time.perf_counter() - start < min(2.0, first)  # the cache: "a second run starts in about a second"
+    # the second load comes from the cache (~0.1 s against ~8 s; timed by benchmark.py --startup, not here): the
+    # raw files are not parsed again, and the tensors are the first load's
+    def parsed_again(path):
+        raise AssertionError(f"the second load parsed {path}: the cache was not used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(census_income, "read_census", parsed_again)
+        again = module(REAL, tmp_path).splits
+    for split in ("train", "val", "test"):
+        assert torch.equal(again[split]["labels"]["income"], s[split]["labels"]["income"])
     # one epoch of training on the real data, from the cache
     run = train_run(
         "data=census_income", f"data.root={REAL}", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"
