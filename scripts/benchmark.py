@@ -14,6 +14,8 @@ measures and how (all share ``bench.timing``: an untimed warm-up, then the conte
   process (``bench.sparse_scale``).
 - ``--stream-scale``: peak memory and samples/s of ``data=stream`` against the in-memory ``recsys_synthetic`` at
   1M and 10M rows (``--rows``), each in a fresh process (``bench.stream_scale``).
+- ``--startup``: wall seconds of a config error, ``--help`` and census's cache-hit load, each in a fresh process,
+  against ``python -c pass`` and ``import torch`` (``bench.startup``).
 
 The exit code is 0 whatever the numbers: these are measurements, not tests. Run (any Hydra override of
 ``train.py`` applies)::
@@ -28,6 +30,7 @@ The exit code is 0 whatever the numbers: these are measurements, not tests. Run 
     python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
     OMP_NUM_THREADS=1 python scripts/benchmark.py --sparse-scale --json sparse.json
     OMP_NUM_THREADS=1 python scripts/benchmark.py --stream-scale --rows 1000000,10000000 --json stream.json
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --startup --repeats 5 --json startup.json
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtl_experiments.bench import conflict, methods
 from mtl_experiments.bench import one_vs_many as one_vs_many_bench
 from mtl_experiments.bench import sparse_scale as sparse_scale_bench
+from mtl_experiments.bench import startup as startup_bench
 from mtl_experiments.bench import stream_scale as stream_scale_bench
 from mtl_experiments.bench import throughput as throughput_bench
 from mtl_experiments.bench.rechub import RECHUB_INSTALL
@@ -96,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-dir", type=Path, default=Path("stream-bench-logs"), help="where --stream-scale's logs go"
     )
+    parser.add_argument("--startup", action="store_true", help="seconds of a config error, --help, census cache hit")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -110,10 +115,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if (args.epochs is not None and args.epochs < 1) or args.repeats < 1:
         parser.error("--epochs and --repeats must be >= 1")
-    if sum([args.methods, args.conflict, args.one_vs_many, args.sparse_scale, args.stream_scale]) > 1:
+    if sum([args.methods, args.conflict, args.one_vs_many, args.sparse_scale, args.stream_scale, args.startup]) > 1:
         parser.error(
-            "--methods, --conflict, --one-vs-many, --sparse-scale and --stream-scale are separate measurements: "
-            "choose one"
+            "--methods, --conflict, --one-vs-many, --sparse-scale, --stream-scale and --startup are separate "
+            "measurements: choose one"
         )
     unknown_models = set(args.models.split(",")) - set(methods.MODELS)
     if unknown_models:
@@ -161,7 +166,13 @@ def stream_scale(args: argparse.Namespace, overrides: list[str]) -> dict:
     return stream_scale_bench.run(args.rows, args.stream_steps, args.workers, args.repeats, args.log_dir, overrides)
 
 
+def startup(args: argparse.Namespace, overrides: list[str]) -> dict:
+    return startup_bench.run(args.repeats, overrides)
+
+
 def measurement(args: argparse.Namespace):
+    if args.startup:
+        return startup
     if args.stream_scale:
         return stream_scale
     if args.sparse_scale_one:

@@ -9,6 +9,7 @@ import pytest
 from mtl_experiments.bench import startup
 from mtl_experiments.bench.timing import PACKAGE_ROOT
 from mtl_experiments.errors import ConfigError
+from scripts import benchmark
 
 KEYS = {"command", "exit_code", "seconds", "median_s", "min_s", "max_s", "per_interpreter", "per_import_torch"}
 
@@ -73,3 +74,10 @@ def test_census_child_times_its_phases_and_sees_the_cache_hit_on_the_second_load
 def test_overrides_are_refused():
     with pytest.raises(ConfigError, match="no Hydra overrides"):
         startup.run(1, overrides=["loss=equal"], samples=(), census=False)
+
+
+def test_benchmark_script_dispatches_startup_and_keeps_it_a_measurement_of_its_own():
+    args, overrides = benchmark.parse_args(["--startup", "--repeats", "5"])
+    assert benchmark.measurement(args) is benchmark.startup and args.repeats == 5 and overrides == []
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--startup", "--methods"])
