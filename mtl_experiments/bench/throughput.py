@@ -222,7 +222,7 @@ def print_ratios(result: dict, census: bool) -> None:
     )
     cpu = result["cpu_ratios"]
     print(
-        f"by process CPU time (steadier on a shared machine): {LIGHTNING}/{PLAIN} = {cpu[f'{LIGHTNING}/{PLAIN}']:.2f}, "
+        f"by process CPU time (no waiting for a core): {LIGHTNING}/{PLAIN} = {cpu[f'{LIGHTNING}/{PLAIN}']:.2f}, "
         f"{LIGHTNING_FLOOR}/{PLAIN} = {cpu[f'{LIGHTNING_FLOOR}/{PLAIN}']:.2f}, {LIGHTNING}/{LIGHTNING_FLOOR} = "
         f"{cpu[f'{LIGHTNING}/{LIGHTNING_FLOOR}']:.2f}, own cost {result['own_cpu_us_per_step']:.0f} µs/step of CPU"
     )

@@ -47,9 +47,9 @@ def medians(values: Mapping[K, list[float]]) -> dict[K, float]:
 class Seconds(float):
     """Wall seconds of a span, carrying the process's CPU seconds over the same span (all its threads) as ``cpu``.
 
-    A float, so callers that divide by the wall time are unchanged. CPU time is the steadier measure of work on a
-    shared machine: another process's load stretches wall time (waiting for a core) but enters CPU time only
-    through caches and clocks (docs/results.md, issue 17)."""
+    A float, so callers that divide by the wall time are unchanged. CPU time leaves out the time spent waiting for
+    a core, which only stretches the wall time; another process's load still inflates it through shared caches and
+    cores, so neither clock replaces a quiet machine."""
 
     cpu: float
 
