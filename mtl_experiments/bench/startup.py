@@ -48,6 +48,9 @@ from rich.table import Table
 
 from mtl_experiments.errors import ConfigError, DataError, MTLError
 
+# bench.timing and bench.build import Lightning: only the functions the parent runs import them, so the census
+# child's import_s counts what loading the dataset itself imports
+
 MODULE = "mtl_experiments.bench.startup"
 CENSUS_OVERRIDES = ("experiment=census_mmoe",)
 # Hydra makes the run's output folder (config.yaml, an empty train.log) before the job's first line, so a value
