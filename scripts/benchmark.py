@@ -6,7 +6,8 @@ measures and how (all share ``bench.timing``: an untimed warm-up, then the conte
 
 - default: samples/s of ``plain`` loop, ``lightning``, ``lightning_no_train_metrics`` and ``plain_dataloader``
   (``bench.throughput``); ``--rechub`` adds torch-rechub's MMOE + MTLTrainer (``bench.rechub``);
-- ``--census``: ``experiment=census_mmoe`` with the contenders ``plain``, ``lightning`` and ``rechub``;
+- ``--census``: ``experiment=census_mmoe`` with the contenders ``plain``, ``lightning``, ``lightning_floor``,
+  ``lightning_no_train_metrics`` and ``rechub``;
 - ``--methods``: step time of every loss weighting method relative to ``equal`` (``bench.methods``);
 - ``--conflict``: the cost of the task-conflict metrics (``bench.conflict``);
 - ``--one-vs-many``: one multi-task model against T single-task models (``bench.one_vs_many``);
@@ -26,7 +27,7 @@ The exit code is 0 whatever the numbers: these are measurements, not tests. Run 
     python scripts/benchmark.py --methods --tasks 2,4 --json methods.json     # recsys MMoE and 665k MMoE
     python scripts/benchmark.py --methods --models config backbone=mmoe     # the config as given
     python scripts/benchmark.py --conflict --repeats 5
-    python scripts/benchmark.py --census --json census.json          # plain, lightning, rechub
+    python scripts/benchmark.py --census --json census.json          # plain, lightning, floor, rechub
     python scripts/benchmark.py --census --one-vs-many --json one_vs_many.json
     OMP_NUM_THREADS=1 python scripts/benchmark.py --sparse-scale --json sparse.json
     OMP_NUM_THREADS=1 python scripts/benchmark.py --stream-scale --rows 1000000,10000000 --json stream.json
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--census",
         action="store_true",
-        help="the census setting: experiment=census_mmoe; contenders plain, lightning, rechub",
+        help="experiment=census_mmoe; plain, lightning (with, without train metrics), lightning_floor, rechub",
     )
     parser.add_argument(
         "--one-vs-many", action="store_true", help="one multi-task model against T single-task models (table)"
