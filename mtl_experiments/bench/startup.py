@@ -244,6 +244,10 @@ def report(result: dict) -> None:
     Console(width=150).print(table)
     if result["census_skipped"]:
         print(f"census_cache_hit skipped: {result['census_skipped']}")
+    warmup = result["samples"].get(CENSUS.name, {}).get("warmup")
+    if isinstance(warmup, dict):  # the untimed first process: a cache miss where it filled the cache
+        hit = "a cache hit" if warmup["cache_hit"] else "a cache miss (it filled the cache)"
+        print(f"census warm-up (untimed): {hit}, load_s {warmup['load_s']:.2f}, process {warmup['process_s']:.2f} s")
     for g in result["goals"]:
         verdict = "met" if g["met"] else "MISSED"
         print(f"goal {g['what']} <= {g['limit_s']:g} s: {g['median_s']:.2f} s, {verdict}")
