@@ -4,8 +4,9 @@
   characters drawn once per process (registered in ``mtl_experiments/__init__.py``), so runs launched in the same
   second never share an output or checkpoint folder.
 - ``check_writable``: a folder can be created and written (a file is made and removed; nothing is created),
-  else one ``StorageError`` naming the config key and the fix. Hydra's own output folder is checked in
-  ``OutputsCallback.on_run_start`` (before Hydra creates it, which would end in its traceback); the pipeline checks
+  else one ``StorageError`` naming the config key and the fix. A single run's config values (``schema.validate``)
+  and Hydra's own output folder are checked in ``OutputsCallback.on_run_start``, before Hydra creates that folder
+  (so a refused run leaves none, and a folder Hydra cannot make is our one line, not its traceback); the pipeline checks
   the rest (``paths.output_dir``, the checkpoint folders and a local artifact store) before any data is loaded.
 - ``OutputsCallback.on_job_start`` masks secrets (``scrub.scrub_file``) in the ``.hydra/*.yaml`` files Hydra has
   just written for the job and in the sweep's ``multirun.yaml``.
@@ -22,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mtl_experiments import schema
 from mtl_experiments.errors import MTLError, StorageError
 from mtl_experiments.scrub import scrub_file
 
@@ -60,6 +62,9 @@ class OutputsCallback(Callback):
     Hydra's copies of the config hold no secret."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # a bad value is refused before Hydra makes the run's folder (its .hydra/ copies and log file): a run that
+        # never started leaves nothing behind (cli.run checks again, for configs run without this callback)
+        exit_on_error(lambda: schema.validate(config, dict(config.hydra.runtime.choices)))
         exit_on_error(lambda: check_writable(config.hydra.run.dir, "hydra.run.dir"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -89,6 +89,7 @@ def test_cli_config_error_is_one_readable_line(tmp_path):
     assert "Error: data.correlation must be a number in [-1, 1], got 2 (it is a cosine)." in result.stderr
     assert "Traceback" not in result.stderr
     assert not db.exists()  # nothing half-written
+    assert not (tmp_path / "out").exists()  # refused before Hydra made the run's folder: no .hydra/ copies, no log
 
 
 def test_console_script_is_the_same_entry_point():

@@ -53,9 +53,8 @@ from mtl_experiments.errors import ConfigError, DataError, MTLError
 
 MODULE = "mtl_experiments.bench.startup"
 CENSUS_OVERRIDES = ("experiment=census_mmoe",)
-# Hydra makes the run's output folder (config.yaml, an empty train.log) before the job's first line, so a value
-# error leaves it (a composition error does not); any other file, an MLflow store above all, is a failure
-HYDRA_OUTPUTS = "outputs"
+# a refused start leaves nothing: a value error is refused before Hydra makes the run's folder
+# (outputs.OutputsCallback.on_run_start), so any file a sample leaves, Hydra's or an MLflow store, is a failure
 TIMEOUT_S = 300  # a sample that hangs is an error, not a figure
 GOALS = (("config_value_error", None, 2.0), ("config_group_error", None, 2.0), ("census_cache_hit", "load_s", 1.0))
 
@@ -120,7 +119,7 @@ def run_sample(sample: Sample) -> float | str:
         except subprocess.TimeoutExpired:
             return f"did not finish in {TIMEOUT_S} s"
         seconds = time.perf_counter() - start
-        left = [name for name in os.listdir(folder) if name != HYDRA_OUTPUTS]
+        left = os.listdir(folder)
         wrong = problem(sample, proc.returncode, proc.stderr, left)
     return seconds if wrong is None else wrong
 

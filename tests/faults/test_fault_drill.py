@@ -35,8 +35,9 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen:
 
 # -- one folder per run ---------------------------------------------------------------------------------
 def test_runs_launched_in_the_same_second_get_their_own_output_folders(tmp_path):
-    # four launches at once that stop early (a bad value after Hydra made the folder): the folders are the point
-    procs = [launch(["data.correlation=2", "hydra.job.name=x"], tmp_path) for _ in range(4)]
+    # four launches at once that stop early, after Hydra made the folder: a strategy the pipeline refuses at start-up
+    # (a bad value is refused before Hydra makes any folder); the folders are the point
+    procs = [launch(["+trainer.strategy=fsdp", "hydra.job.name=x"], tmp_path) for _ in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2, err
