@@ -218,6 +218,7 @@ def test_real_files_follow_the_mmoe_protocol(tmp_path, train_run, monkeypatch):
         assert float(s[split]["labels"]["income"].mean()) == pytest.approx(0.062, abs=0.002)
     assert float(s["train"]["labels"]["marital"].mean()) == pytest.approx(0.433, abs=0.002)
     assert dm.feature_spec.categorical["state_prev_res"] == 51  # 50 values + the missing/unseen id
+
     # the second load comes from the cache (~0.1 s against ~8 s; timed by benchmark.py --startup, not here): the
     # raw files are not parsed again, and the tensors are the first load's
     def parsed_again(path):
