@@ -18,8 +18,8 @@ min-max of wall seconds (process start to exit, as a user waits for it):
   sha256, the cached tensors read); its warm-up fills the cache (``data.cache_dir``) where it was empty. Skipped,
   with the reason printed, where the census files (``data.root``) are absent.
 
-A sample that exits with another code, prints a traceback or more than its one line, leaves a file in its folder
-other than Hydra's ``outputs/`` (an MLflow store: a refused config records nothing), or (census) loads without a
+A sample that exits with another code, prints a traceback or more than its one line, leaves any file in its folder
+(Hydra's run folder or an MLflow store: a refused config records nothing), or (census) loads without a
 cache hit is an error: it is not timed, the table says FAILED, and the benchmark ends with exit code 2 naming each
 failure (no ``--json`` then). Goals (issue 17): a config error <= 2 s; census second start (cache hit) <= 1 s of
 data time (``load_s``).
