@@ -200,7 +200,7 @@ def report(rates: dict[str, list[float]], median: dict[str, float], cpu_median: 
     Console(width=max(120, len(title))).print(table)
 
 
-def print_ratios(result: dict, census: bool) -> None:
+def print_ratios(result: dict) -> None:
     """The lines under the table: skipped contenders, parameter counts, the ratios and their targets."""
     median, ratios, parameters = result["samples_per_s"], result["ratios"], result["parameters"]
     if LIGHTNING_NO_METRICS not in median:
@@ -273,5 +273,5 @@ def run(overrides: list[str], epochs: int, repeats: int, rechub: bool = False, c
     }
     if RECHUB in median or RECHUB in skipped:
         result["target_ratio_rechub"] = RECHUB_TARGET
-    print_ratios(result, census)
+    print_ratios(result)
     return result
