@@ -45,28 +45,31 @@ def medians(values: Mapping[K, list[float]]) -> dict[K, float]:
 
 
 class Seconds(float):
-    """Wall seconds of a span, carrying the process's CPU seconds over the same span (all its threads) as ``cpu``.
+    """Wall seconds of a span, carrying the process's CPU seconds over the same span (all its threads) as ``cpu`` and
+    the measuring thread's as ``thread``.
 
     A float, so callers that divide by the wall time are unchanged. CPU time leaves out the time spent waiting for
     a core, which only stretches the wall time; another process's load still inflates it through shared caches and
     cores, so neither clock replaces a quiet machine."""
 
     cpu: float
+    thread: float
 
-    def __new__(cls, wall: float, cpu: float) -> Seconds:
+    def __new__(cls, wall: float, cpu: float, thread: float) -> Seconds:
         value = super().__new__(cls, wall)
-        value.cpu = cpu
+        value.cpu, value.thread = cpu, thread
         return value
 
 
 class Stopwatch:
-    """Started when made; ``elapsed()`` is the wall and process CPU time since, as ``Seconds``."""
+    """Started when made; ``elapsed()`` is the wall, process CPU and thread CPU time since, as ``Seconds``."""
 
     def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.wall, self.cpu, self.thread = time.perf_counter(), time.process_time(), time.thread_time()
 
     def elapsed(self) -> Seconds:
-        return Seconds(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+        now = time.perf_counter(), time.process_time(), time.thread_time()
+        return Seconds(now[0] - self.wall, now[1] - self.cpu, now[2] - self.thread)
 
 
 class StepTimer(pl.Callback):

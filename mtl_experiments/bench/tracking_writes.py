@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_experiments.bench.build import bare_trainer, build_module, compose_config, load_data
-from mtl_experiments.bench.timing import interleaved
+from mtl_experiments.bench.timing import Seconds, Stopwatch, interleaved
 from mtl_experiments.data.base import TabularDataModule
 from mtl_experiments.tracking import ResilientMLFlowLogger, ensure_experiment
 
@@ -41,17 +41,17 @@ class TrainClock(pl.Callback):
     time, the training thread's CPU time and the process's (all threads: the writer's too)."""
 
     def __init__(self):
-        self.start = self.end = (0.0, 0.0, 0.0)
-        self.steps = 0
+        self.clock = self.after = Stopwatch()
+        self.span, self.steps = Seconds(0.0, 0.0, 0.0), 0
 
     def on_train_start(self, trainer, pl_module):
-        self.start = (time.perf_counter(), time.thread_time(), time.process_time())
+        self.clock = Stopwatch()
 
     def on_train_end(self, trainer, pl_module):
-        self.end, self.steps = (time.perf_counter(), time.thread_time(), time.process_time()), trainer.global_step
+        self.span, self.steps, self.after = self.clock.elapsed(), trainer.global_step, Stopwatch()
 
     def per_step(self) -> tuple[float, float, float]:
-        return tuple((b - a) / self.steps for a, b in zip(self.start, self.end, strict=True))
+        return tuple(seconds / self.steps for seconds in (float(self.span), self.span.thread, self.span.cpu))
 
 
 def new_logger(uri: str, synchronous: bool) -> ResilientMLFlowLogger:
@@ -82,7 +82,7 @@ def run_seconds(cfg: DictConfig, datamodule: TabularDataModule, epochs: int, uri
     if mode != NONE:
         trainer.loggers = [new_logger(uri, synchronous=mode == SYNC)]
     trainer.fit(build_module(cfg, datamodule), datamodule=datamodule)
-    return (*clock.per_step(), time.perf_counter() - clock.end[0])
+    return (*clock.per_step(), float(clock.after.elapsed()))
 
 
 def run(overrides: list[str], epochs: int, repeats: int, calls: int = 200, keys: int = 12) -> dict:
