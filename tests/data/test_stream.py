@@ -240,3 +240,6 @@ def test_config_errors_name_the_key():
         StreamDataModule(path="x", tasks={"next": {"kind": "retrieval"}})
     with pytest.raises(ConfigError, match="data.path must name"):
         StreamDataModule(path=None, tasks={"click": {"kind": "binary"}})
+    # one bin would put every score in it (as the schema and BinnedAUROC refuse it): refused at construction too
+    with pytest.raises(ConfigError, match="data.auroc_bins must be an integer >= 2, got 1"):
+        StreamDataModule(path="x", tasks={"click": {"kind": "binary"}}, auroc_bins=1)

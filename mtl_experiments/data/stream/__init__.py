@@ -105,7 +105,8 @@ class StreamDataModule(TabularDataModule):
         self.num_workers = checks.non_negative_int("data.num_workers", num_workers)
         self.on_bad_shard = checks.choice("data.on_bad_shard", on_bad_shard, ("stop", "skip"))
         self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
-        self.auroc_bins = checks.optional(checks.positive_int, "data.auroc_bins", auroc_bins)
+        bins_hint = "score bins of [0, 1], e.g. 10000"  # >= 2, as the schema and BinnedAUROC require
+        self.auroc_bins = checks.optional(checks.integer, "data.auroc_bins", auroc_bins, low=2, hint=bins_hint)
         self.source: StreamSource | None = None
         self.split_rows: dict[str, int] = {}
         self.rows_skipped = 0  # rows of shards the statistics pass could not read (on_bad_shard=skip)
